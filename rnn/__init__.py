@@ -1,0 +1,5 @@
+"""Drop-in replacements for torch.nn.RNN, LSTM and GRU on fused persistent Triton kernels."""
+from rnn.functional import ForwardPath
+from rnn.modules import GRU, LSTM, RNN, from_torch
+
+__all__ = ["RNN", "LSTM", "GRU", "from_torch", "ForwardPath"]

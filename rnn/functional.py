@@ -1,0 +1,163 @@
+"""Stacking, directions, inter-layer dropout, packed sequences and hx handling over one per-layer
+implementation: the fused Triton layer (an autograd.Function) or the pure-PyTorch reference.
+"""
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from kernels import env
+from kernels.cells import Cell
+from kernels.forward import SUPPORTED_DTYPES, LaunchInfo, rnn_fwd
+from rnn import reference
+
+
+@dataclass
+class ForwardPath:
+    """Which implementation ran a forward, and each fused launch (one per layer)."""
+
+    backend: str  # "triton" or "reference"
+    launches: list[LaunchInfo] = field(default_factory=list)
+    reason: str = ""  # why the reference ran where kernels were possible
+
+
+def _stack_weights(cell: Cell, weights):
+    """Per-direction (w_ih, w_hh, b_ih, b_hh) -> the launcher's stacked tensors.
+
+    b_hh folds into the input projection's bias, except GRU's b_hn, which torch multiplies by r.
+    """
+    w_ih = torch.cat([w[0] for w in weights])
+    w_hh = torch.stack([w[1] for w in weights])
+    if weights[0][2] is None:
+        return w_ih, w_hh, None, None
+    b_ih = torch.stack([w[2] for w in weights])
+    b_hh = torch.stack([w[3] for w in weights])
+    b_hn = None
+    if cell == Cell.GRU:
+        H = w_hh.shape[2]
+        b_hn = b_hh[:, 2 * H:].contiguous()
+        b_hh = torch.cat([b_hh[:, :2 * H], torch.zeros_like(b_hn)], dim=1)
+    return w_ih, w_hh, (b_ih + b_hh).reshape(-1), b_hn
+
+
+class FusedRNNLayer(torch.autograd.Function):
+    """One layer, both directions, forward through the fused kernel.
+
+    Backward recomputes the layer with the reference and differentiates that (the fused backward
+    is a later issue); gradients are exact either way.
+    """
+
+    @staticmethod
+    def forward(ctx, cell, lengths, batch_first, record, x, h0, c0, *flat):
+        weights = _group(flat, True, False)
+        w_ih, w_hh, bias, b_hn = _stack_weights(cell, weights)
+        out, h_n, c_n, info = rnn_fwd(
+            cell, x, w_ih, w_hh.contiguous(), bias, b_hn,
+            h0.contiguous() if h0 is not None else None, c0.contiguous() if c0 is not None else None,
+            lengths.to(device=x.device, dtype=torch.int32) if lengths is not None else None, batch_first)
+        record.append(info)
+        ctx.cell, ctx.lengths, ctx.batch_first = cell, lengths, batch_first
+        ctx.save_for_backward(x, h0, c0, *flat)
+        return out, h_n, c_n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_hn, d_cn):
+        saved = list(ctx.saved_tensors)
+        needs = ctx.needs_input_grad[4:]
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(saved, needs)]
+            x, h0, c0, *flat = inputs
+            outputs = reference.layer_forward(ctx.cell, x, h0, c0, ctx.lengths, _group(flat, True, False),
+                                              ctx.batch_first)
+        pairs = [(o, g) for o, g in zip(outputs, (d_out, d_hn, d_cn)) if o is not None and g is not None]
+        wanted = [t for t, n in zip(inputs, needs) if t is not None and n]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                         allow_unused=True) if wanted else ())
+        result = [next(grads) if t is not None and n else None for t, n in zip(inputs, needs)]
+        return (None, None, None, None, *result)
+
+
+def _group(flat, has_bias: bool, has_proj: bool):
+    """Flat weights of one layer (torch.nn's order) -> one (w_ih, w_hh, b_ih, b_hh, w_hr) per direction."""
+    n = 2 + 2 * has_bias + has_proj
+    groups = []
+    for i in range(0, len(flat), n):
+        w = list(flat[i:i + n])
+        b_ih, b_hh = (w[2], w[3]) if has_bias else (None, None)
+        groups.append((w[0], w[1], b_ih, b_hh, w[-1] if has_proj else None))
+    return groups
+
+
+_warned: set = set()
+
+
+def _warn_once(message: str):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=4)
+
+
+def choose_backend(x: torch.Tensor, proj_size: int) -> ForwardPath:
+    """RNN_BACKEND=auto runs the kernels on CUDA tensors, and on CPU tensors under the Triton
+    interpreter; =triton insists on them (an error where they cannot run); =reference never."""
+    choice = env.backend()
+    if choice == "reference":
+        return ForwardPath("reference", reason="RNN_BACKEND=reference")
+    runnable = x.is_cuda or env.interpreting()
+    if not runnable:
+        if choice == "triton":
+            raise RuntimeError(f"RNN_BACKEND=triton needs a CUDA tensor or TRITON_INTERPRET=1, "
+                               f"got a tensor on {x.device}")
+        return ForwardPath("reference", reason=f"no Triton backend for {x.device} tensors")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the fused kernels support {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}")
+    if proj_size > 0:
+        reason = "LSTM with proj_size > 0 is not fused yet: it runs on the reference path"
+        _warn_once(reason)
+        return ForwardPath("reference", reason=reason)
+    return ForwardPath("triton")
+
+
+def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: bool, batch_first: bool,
+        dropout: float, training: bool, has_bias: bool, proj_size: int = 0):
+    """The whole stack. input: a tensor ([T, B, I], or [B, T, I] when batch_first) or a
+    PackedSequence whose batch order hx already follows (sorted). hx: h0 [L*D, B, H_out] or None,
+    and for LSTM a pair (h0, c0) or None. Returns (output, h_n, c_n or None, ForwardPath); output
+    is a PackedSequence when input is one.
+    """
+    D = 2 if bidirectional else 1
+    packed = isinstance(input, PackedSequence)
+    if packed:
+        x, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes), batch_first=batch_first)
+    else:
+        x, lengths = input, None
+    h0, c0 = (hx if hx is not None else (None, None)) if cell == Cell.LSTM else (hx, None)
+
+    path = choose_backend(x, proj_size)
+    per_direction = 2 + 2 * has_bias + (proj_size > 0)
+    per_layer = per_direction * D
+    h_ns, c_ns = [], []
+    for layer in range(num_layers):
+        flat = flat_weights[layer * per_layer:(layer + 1) * per_layer]
+        states = [s[layer * D:(layer + 1) * D] if s is not None else None for s in (h0, c0)]
+        if path.backend == "triton":
+            # The fused layer takes four tensors per direction; absent biases are None.
+            flat = [t for w in _group(flat, has_bias, False) for t in w[:4]]
+            x, h_n, c_n = FusedRNNLayer.apply(cell, lengths, batch_first, path.launches, x, *states, *flat)
+        else:
+            x, h_n, c_n = reference.layer_forward(cell, x, *states, lengths, _group(flat, has_bias, proj_size > 0),
+                                                  batch_first)
+        h_ns.append(h_n)
+        c_ns.append(c_n)
+        if dropout and training and layer < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    h_n = torch.cat(h_ns)
+    c_n = torch.cat(c_ns) if cell == Cell.LSTM else None
+    if packed:
+        data = pack_padded_sequence(x, lengths, batch_first=batch_first).data
+        x = PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+    return x, h_n, c_n, path
+
