@@ -1,0 +1,130 @@
+"""Shared test helpers: relative errors, tolerances, module pairs and full parity comparisons."""
+import math
+
+import torch
+
+import rnn
+from kernels.cells import Cell
+from kernels.forward import rnn_fwd
+from rnn.functional import _stack_weights
+from rnn.reference import layer_forward
+
+# Relative-norm tolerances per dtype (CONVENTIONS.md, item 10). fp32 under the interpreter is full
+# precision; tf32 can only be exercised on a GPU.
+TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    "tf32": 5e-3,
+    torch.float16: 5e-3,
+    torch.bfloat16: 3e-2,
+}
+
+
+def rel_err(ours, ref) -> float:
+    """||ours - ref|| / ||ref|| in float64; NaN or inf anywhere in ours is an infinite error."""
+    ours, ref = ours.detach().double().cpu(), ref.detach().double().cpu()
+    assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    if not torch.isfinite(ours).all():
+        return math.inf
+    scale = ref.norm().item()
+    diff = (ours - ref).norm().item()
+    return diff / scale if scale > 0 else diff
+
+
+def make_pair(mode: str, input_size: int, hidden_size: int, *, dtype=torch.float64, device="cpu", **kwargs):
+    """A torch.nn module and our module with the same weights (ours via state_dict)."""
+    cls_ref = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU}.get(mode, torch.nn.RNN)
+    cls_ours = {"LSTM": rnn.LSTM, "GRU": rnn.GRU}.get(mode, rnn.RNN)
+    if mode.startswith("RNN"):
+        kwargs["nonlinearity"] = mode[4:].lower()
+    ref = cls_ref(input_size, hidden_size, dtype=dtype, device=device, **kwargs)
+    ours = cls_ours(input_size, hidden_size, dtype=dtype, device=device, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def flatten_output(result):
+    """(output, hidden) -> list of tensors: output (data of a PackedSequence), h_n[, c_n]."""
+    output, hidden = result
+    if isinstance(output, torch.nn.utils.rnn.PackedSequence):
+        output = output.data
+    return [output, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+
+
+def compare_modules(ref, ours, make_input, hx=None, tol=1e-10, grads=True):
+    """Run both modules on the same inputs; compare outputs, states and, with random upstream
+    gradients on every output, the gradients of input, hx and every parameter."""
+    errors = {}
+    results = []
+    for module in (ref, ours):
+        module.zero_grad(set_to_none=True)
+        x, leaf = make_input()
+        state = None
+        if hx is not None:
+            state = tuple(h.detach().clone().requires_grad_(grads) for h in hx) if isinstance(hx, tuple) \
+                else hx.detach().clone().requires_grad_(grads)
+        outs = flatten_output(module(x, state))
+        results.append((outs, leaf, state))
+    (ref_outs, ref_leaf, ref_state), (our_outs, our_leaf, our_state) = results
+    for name, a, b in zip(("output", "h_n", "c_n"), our_outs, ref_outs):
+        errors[name] = rel_err(a, b)
+    if grads:
+        torch.manual_seed(1234)
+        upstream = [torch.randn_like(o) for o in ref_outs]
+        torch.autograd.backward(ref_outs, upstream)
+        torch.autograd.backward(our_outs, upstream)
+        errors["d_input"] = rel_err(our_leaf.grad, ref_leaf.grad)
+        if hx is not None:
+            for i, (a, b) in enumerate(zip(_tuple(our_state), _tuple(ref_state))):
+                errors[f"d_hx{i}"] = rel_err(a.grad, b.grad)
+        for (name, p_ref), (_, p_ours) in zip(ref.named_parameters(), ours.named_parameters()):
+            errors[f"d_{name}"] = rel_err(p_ours.grad, p_ref.grad)
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+    return errors
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _weights(cell, I, H, D, bias, device):
+    G = cell.gates
+    bound = 1 / math.sqrt(H)
+
+    def u(*shape):
+        return (torch.rand(*shape, dtype=torch.float64, device=device) * 2 - 1) * bound
+
+    return [(u(G * H, I), u(G * H, H), u(G * H) if bias else None, u(G * H) if bias else None, None)
+            for _ in range(D)]
+
+
+def run_layer(cell, *, T=5, B=3, I=6, H=17, D=2, dtype=torch.float64, config=None, bias=True, h0=True,
+              lengths=None, batch_first=False, device="cpu"):
+    """Launch one layer on random inputs; return our results, the float64 reference and the launch."""
+    cell = Cell(cell)
+    weights = _weights(cell, I, H, D, bias, device)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64, device=device)
+    h_0 = torch.randn(D, B, H, dtype=torch.float64, device=device) if h0 else None
+    c_0 = torch.randn(D, B, H, dtype=torch.float64, device=device) if h0 and cell == Cell.LSTM else None
+    ref = layer_forward(cell, x, h_0, c_0, lengths, weights, batch_first)
+
+    w_ih, w_hh, b, b_hn = _stack_weights(cell, [w[:4] for w in weights])
+    cast = (lambda t: t.to(dtype) if t is not None else None)
+    out = torch.full_like(ref[0], math.nan, dtype=dtype)
+    hn = torch.full_like(ref[1], math.nan, dtype=dtype)
+    cn = torch.full_like(ref[1], math.nan, dtype=dtype) if cell == Cell.LSTM else None
+    lens = lengths.to(device=device, dtype=torch.int32) if lengths is not None else None
+    result = rnn_fwd(cell, cast(x), cast(w_ih), cast(w_hh), cast(b), cast(b_hn), cast(h_0), cast(c_0), lens,
+                     batch_first, config, out=out, hn=hn, cn=cn)
+    assert result[0] is out and result[1] is hn and result[2] is cn
+    return result, ref
+
+
+def assert_close(result, ref, tol):
+    for name, ours, theirs in zip(("output", "h_n", "c_n"), result[:3], ref):
+        if theirs is None:
+            assert ours is None
+            continue
+        err = rel_err(ours, theirs)
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"

@@ -1,0 +1,104 @@
+"""Compiled kernels on CUDA: fp32, tf32, fp16 and bf16 against float64, persistent multi-program
+grids with the grid barrier, K-chunked large H, and the stepwise fall-back for grids that cannot be
+co-resident. Skipped where no CUDA device is."""
+import copy
+
+import pytest
+import torch
+
+import rnn
+from helpers import TOL, assert_close, compare_modules, make_pair, rel_err, run_layer
+from kernels.cells import Cell
+from kernels.configs import ForwardConfig
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODULES = {"RNN_TANH": (torch.nn.RNN, {"nonlinearity": "tanh"}), "RNN_RELU": (torch.nn.RNN, {"nonlinearity": "relu"}),
+           "LSTM": (torch.nn.LSTM, {}), "GRU": (torch.nn.GRU, {})}
+
+
+@pytest.fixture
+def precision(request, monkeypatch):
+    name = request.param
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", name == "tf32")
+    return name
+
+
+@pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
+@pytest.mark.parametrize("mode", list(MODULES))
+def test_module_forward_per_dtype(mode, precision):
+    """Our module in a low precision against torch.nn in float64 with the same (rounded) weights
+    and inputs; torch.nn in the low precision is measured alongside for scale."""
+    torch.manual_seed(0)
+    dtype = DTYPES[precision]
+    cls, extra = MODULES[mode]
+    ref = cls(96, 200, num_layers=2, bidirectional=True, batch_first=True, **extra).to("cuda", dtype)
+    ours = rnn.from_torch(copy.deepcopy(ref))
+    x = torch.randn(12, 37, 96, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        out, hidden = ours(x)
+        ref64 = copy.deepcopy(ref).double()
+        out64, hidden64 = ref64(x.double())
+        out_torch, _ = ref(x)
+    assert ours.last_path.backend == "triton"
+    tol = TOL["tf32" if precision == "tf32" else dtype]
+    err = rel_err(out, out64)
+    print(f"{mode} {precision}: ours {err:.2e}, torch.nn {rel_err(out_torch, out64):.2e}")
+    assert err <= tol
+    for ours_state, ref_state in zip(hidden if isinstance(hidden, tuple) else (hidden,),
+                                     hidden64 if isinstance(hidden64, tuple) else (hidden64,)):
+        assert rel_err(ours_state, ref_state) <= tol
+
+
+@pytest.mark.parametrize("mode", list(MODULES))
+def test_module_gradients_fp32(mode, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # torch.nn's fp32 at full precision
+    torch.manual_seed(0)
+    ref, ours = make_pair(mode, 24, 72, dtype=torch.float32, device="cuda", num_layers=2, bidirectional=True)
+    x = torch.randn(9, 5, 24, device="cuda")
+    compare_modules(ref, ours, lambda: (lambda leaf: (leaf, leaf))(x.clone().requires_grad_()), tol=1e-4)
+    assert ours.last_path.backend == "triton"
+
+
+@pytest.mark.parametrize("cell", list(Cell), ids=[c.name for c in Cell])
+def test_persistent_multi_program(cell):
+    """16 programs per group exchange h through the grid barrier; repeated runs must agree to the
+    bit (a moving result is a race)."""
+    results = []
+    for _ in range(3):
+        torch.manual_seed(3)
+        result, ref = run_layer(cell, T=40, B=24, I=64, H=256, dtype=torch.float32, device="cuda",
+                                config=ForwardConfig(hidden_block=16, batch_block=16))
+        assert result[3].persistent and result[3].grid == (16, 2, 2)
+        assert_close(result, ref, TOL[torch.float32])
+        results.append(result[0])
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU], ids=["LSTM", "GRU"])
+def test_large_hidden_default_config(cell, dtype):
+    torch.manual_seed(4)
+    result, ref = run_layer(cell, T=16, B=64, I=128, H=1024, dtype=dtype, device="cuda")
+    assert_close(result, ref, TOL[dtype])
+
+
+def test_odd_sizes_and_single_step():
+    torch.manual_seed(5)
+    for T, H, B in ((1, 200, 3), (7, 200, 1), (3, 17, 70)):
+        result, ref = run_layer(Cell.LSTM, T=T, B=B, H=H, dtype=torch.float32, device="cuda",
+                                lengths=torch.randint(1, T + 1, (B,)))
+        assert_close(result, ref, TOL[torch.float32])
+
+
+def test_grid_too_large_runs_stepwise():
+    """32 batch tiles x 16 programs x 2 directions cannot all be resident on one GPU."""
+    torch.manual_seed(6)
+    config = ForwardConfig(hidden_block=16, batch_block=16)
+    result, ref = run_layer(Cell.GRU, T=6, B=512, I=32, H=256, dtype=torch.float32, device="cuda", config=config)
+    assert not result[3].persistent
+    assert_close(result, ref, TOL[torch.float32])
+    with pytest.raises(ValueError, match="co-resident"):
+        run_layer(Cell.GRU, T=6, B=512, I=32, H=256, dtype=torch.float32, device="cuda",
+                  config=ForwardConfig(hidden_block=16, batch_block=16, persistent=True))
