@@ -1,0 +1,140 @@
+"""Measure rnn's modules against the alternatives a user would pick; write CSV, Markdown, plots.
+
+    python -m profiling.bench [--suite NAME] [--out DIR] [--cells lstm,gru] [--dtypes bf16]
+                              [--hidden 256,512] [--batch 1,8] [--seq 512] [--impls ours,cudnn]
+
+Without --suite: ``quick`` on a machine with CUDA, ``cpu`` elsewhere. The ``cpu`` suite always runs
+on the CPU (ours on its CPU path against torch.nn on the CPU) and every row says device=cpu.
+The CSV schema is documented in profiling/report.py.
+"""
+import argparse
+import datetime
+import math
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from profiling import report
+from profiling.cases import SUITES, select
+from profiling.impls import BASELINE, REGISTRY
+from profiling.measure import peak_memory_mib, time_ms
+
+
+def _list(text, convert=str):
+    return [convert(v.strip()) for v in text.split(",") if v.strip()] if text else None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m profiling.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=list(SUITES), help="default: quick with CUDA, cpu without")
+    p.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    p.add_argument("--cells", type=lambda s: _list(s.upper()), help="e.g. lstm,gru,rnn_tanh")
+    p.add_argument("--dtypes", type=_list, help="e.g. bf16,fp16,fp32,tf32")
+    p.add_argument("--hidden", type=lambda s: _list(s, int), help="hidden sizes (input size follows)")
+    p.add_argument("--batch", type=lambda s: _list(s, int))
+    p.add_argument("--seq", type=lambda s: _list(s, int), help="sequence lengths")
+    p.add_argument("--impls", type=_list, help=f"subset of {', '.join(REGISTRY)}")
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=100.0)
+    return p.parse_args(argv)
+
+
+@contextmanager
+def _precision(dtype: str):
+    """fp32 runs at full precision everywhere; tf32 lets both torch's matmuls and cuDNN use tf32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _rel_err(ours, ref) -> float:
+    ours, ref = ours.detach().double(), ref.detach().double()
+    if not torch.isfinite(ours).all():
+        return math.inf
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+def measure_case(case, impls, device, meta, warmup_ms, rep_ms) -> list[dict]:
+    rows = []
+    baseline_name = BASELINE[device.type]
+    outputs = {}
+    ordered = sorted(impls, key=lambda name: name != baseline_name)  # the baseline first: errors need it
+    for name in ordered:
+        impl = REGISTRY[name]
+        if not impl.supports(case):
+            rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {}, status="unsupported")
+            continue
+        try:
+            with _precision(case.dtype):
+                runner = impl.build(case, device)
+                outputs[name] = runner.output()
+                times = time_ms(runner.step, device, warmup_ms, rep_ms)
+                memory = peak_memory_mib(runner, device)
+            ref = outputs.get(baseline_name)
+            err = _rel_err(outputs[name], ref) if ref is not None else math.nan
+            rows += report.metric_rows(meta, case, name, times, memory, err, runner.details)
+        except Exception as exc:  # one failing implementation must not end the run
+            status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {}, status=status)
+        finally:
+            runner = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    suite = args.suite or ("quick" if cuda else "cpu")
+    if suite != "cpu" and not cuda:
+        print(f"suite {suite!r} measures GPUs and this machine has no CUDA device; use --suite cpu", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if suite != "cpu" else "cpu")
+    cases = select(suite, args.cells, args.dtypes, args.hidden, args.batch, args.seq)
+    impls = [name for name in (args.impls or REGISTRY) if device.type in REGISTRY[name].devices]
+    unknown = set(args.impls or ()) - set(REGISTRY)
+    if unknown:
+        print(f"unknown implementations {sorted(unknown)}; choose from {', '.join(REGISTRY)}", file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        print("No GPU figures: the cpu suite times ours (its CPU path) against torch.nn on the CPU.")
+    meta = report.run_metadata(device, suite)
+    print(f"{len(cases)} cases x {len(impls)} implementations ({', '.join(impls)}) on {meta['device']}")
+
+    rows, start = [], time.time()
+    for i, case in enumerate(cases, 1):
+        elapsed = time.time() - start
+        left = f", ~{elapsed / (i - 1) * (len(cases) - i + 1):.0f}s left" if i > 1 else ""
+        print(f"[{i}/{len(cases)}] {case.id} ({elapsed:.0f}s elapsed{left})", flush=True)
+        rows += measure_case(case, impls, device, meta, args.warmup_ms, args.rep_ms)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stem = f"bench-{suite}-{stamp}"
+    frame = report.to_frame(rows)
+    csv_path = out_dir / f"{stem}.csv"
+    frame.to_csv(csv_path, index=False)
+    table = report.summary(frame, BASELINE[device.type])
+    md = report.markdown(table, f"{suite} on {meta['device']} (us per step; speed-up > 1: ours is faster)")
+    failed = frame[(frame.status != "ok") & (frame.metric == "time_ms")]
+    if len(failed):
+        md += "\nNot measured:\n" + "".join(f"- {r.case_id} {r.impl}: {r.status}\n" for r in failed.itertuples())
+    (out_dir / f"{stem}.md").write_text(md)
+    pngs = report.plots(frame, out_dir, stem)
+    print(f"\nwrote {csv_path}, {out_dir / (stem + '.md')}" + (f" and {len(pngs)} plots" if pngs else
+                                                              " (no plots: matplotlib missing or one batch size)"))
+    print()
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Benchmark cases, named suites and the FLOP formula."""
+import itertools
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+CELLS = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "fp64": torch.float64}
+PASSES = ("fwd", "fwdbwd")
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: a module shape, a dtype and a pass.
+
+    pass_ is ``fwd`` (inference, no grad) or ``fwdbwd`` (forward, then backward of the sum of
+    the outputs). ``tf32`` is float32 with torch's tf32 matmul flag on.
+    """
+
+    cell: str
+    T: int
+    B: int
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    proj_size: int = 0
+    dtype: str = "bf16"
+    pass_: str = "fwd"
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {CELLS}, got {self.cell!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.pass_ not in PASSES:
+            raise ValueError(f"pass must be one of {PASSES}, got {self.pass_!r}")
+        if self.proj_size and self.cell != "LSTM":
+            raise ValueError("proj_size is only for LSTM")
+        for name in ("T", "B", "input_size", "hidden_size", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def id(self) -> str:
+        parts = [self.cell, f"T{self.T}", f"B{self.B}", f"I{self.input_size}", f"H{self.hidden_size}"]
+        if self.num_layers > 1:
+            parts.append(f"L{self.num_layers}")
+        if self.bidirectional:
+            parts.append("bi")
+        if self.proj_size:
+            parts.append(f"P{self.proj_size}")
+        return "-".join(parts + [self.dtype, self.pass_])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def columns(self) -> dict:
+        """The case as CSV columns (``pass_`` is written ``pass``)."""
+        return {("pass" if f.name == "pass_" else f.name): getattr(self, f.name) for f in fields(self)}
+
+
+def matmul_flops(case: Case) -> int:
+    """FLOPs of the matrix products (2 per multiply-add), the only work counted in TFLOP/s.
+
+    Per layer, direction and step: the input projection 2*B*I_l*G*H, the recurrent product
+    2*B*H_out*G*H and, with proj_size, the projection 2*B*H*P; I_l is the input size for layer 0
+    and D*H_out above it. A backward pass costs twice its forward (the gradients of the inputs and
+    of the weights), so fwdbwd counts three times the forward.
+    """
+    G = GATES[case.cell]
+    D = 2 if case.bidirectional else 1
+    H = case.hidden_size
+    H_out = case.proj_size or H
+    per_step = 0
+    for layer in range(case.num_layers):
+        in_size = case.input_size if layer == 0 else D * H_out
+        per_step += D * (2 * case.B * G * H * (in_size + H_out) + 2 * case.B * H * case.proj_size)
+    forward = case.T * per_step
+    return forward if case.pass_ == "fwd" else 3 * forward
+
+
+def _grid(cells, dtypes, Ts, Bs, Hs, passes=("fwd",), layers=(1,), bidirectional=(False,)):
+    return [Case(cell, T, B, H, H, num_layers=L, bidirectional=bi, dtype=dt, pass_=p)
+            for cell, dt, T, B, H, p, L, bi in itertools.product(cells, dtypes, Ts, Bs, Hs, passes, layers,
+                                                                  bidirectional)]
+
+
+SUITES = {
+    # About a dozen cases, under two minutes on an H100.
+    "quick": (_grid(("LSTM", "GRU"), ("bf16",), (512,), (1, 16, 64), (256, 1024))
+              + [Case("LSTM", 512, 16, 512, 512, dtype="fp16"),
+                 Case("LSTM", 512, 16, 512, 512, dtype="bf16", pass_="fwdbwd")]),
+    "latency": _grid(("LSTM", "GRU", "RNN_TANH"), ("bf16",), (512,), (1, 8, 16, 32, 64), (128, 256, 512, 1024)),
+    "throughput": _grid(("LSTM", "GRU"), ("bf16",), (512,), (128, 256, 512), (512, 1024)),
+    "stacked": _grid(("LSTM", "GRU"), ("bf16",), (256,), (16, 64), (256, 512), layers=(2, 4),
+                     bidirectional=(False, True)),
+    "training": _grid(("LSTM", "GRU"), ("bf16", "fp16"), (512,), (8, 16, 64), (256, 512, 1024), passes=("fwdbwd",)),
+    # Without CUDA: our reference path against torch.nn on the CPU, at small sizes.
+    "cpu": (_grid(("LSTM", "GRU", "RNN_TANH"), ("fp32",), (32,), (1, 8), (32, 64))
+            + [Case("LSTM", 32, 8, 32, 64, num_layers=2, bidirectional=True, dtype="fp32", pass_="fwdbwd")]),
+}
+SUITES["all"] = list(dict.fromkeys(c for name in ("quick", "latency", "throughput", "stacked", "training")
+                                   for c in SUITES[name]))
+
+
+def select(suite: str, cells=None, dtypes=None, hidden=None, batch=None, seq=None) -> list[Case]:
+    """A named suite with its dimensions overridden: given values replace the suite's own
+    (hidden and input size move together, as in every suite)."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose from {', '.join(SUITES)}")
+    cases = SUITES[suite]
+    axes = [("cell", cells), ("dtype", dtypes), ("hidden_size", hidden), ("B", batch), ("T", seq)]
+    for name, values in axes:
+        if values:
+            cases = [replace(c, **{name: v}, **({"input_size": v} if name == "hidden_size" else {}))
+                     for c in dict.fromkeys(replace(c, **{name: values[0]}) for c in cases) for v in values]
+    return list(dict.fromkeys(cases))

@@ -1,0 +1,173 @@
+"""The implementations a user would pick, one registry entry each.
+
+Every entry builds, for a case, a ``Runner``: a zero-argument ``step`` that does one timed pass and
+the output of one pass for the error column. All entries of a case share the same weights (one
+torch.nn module seeded the same way) and inputs.
+"""
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import rnn
+from profiling.cases import Case
+
+TORCH_MODULES = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN_TANH": torch.nn.RNN, "RNN_RELU": torch.nn.RNN}
+TORCH_CELLS = {"LSTM": torch.nn.LSTMCell, "GRU": torch.nn.GRUCell, "RNN_TANH": torch.nn.RNNCell,
+               "RNN_RELU": torch.nn.RNNCell}
+
+
+@dataclass
+class Runner:
+    step: Callable[[], object]
+    output: Callable[[], torch.Tensor]  # the output sequence of one forward, no grad
+    prepare: Callable[[], None] = lambda: None  # before a memory measurement (drops .grad)
+    details: dict = field(default_factory=dict)  # e.g. our backend and kernel config
+    memory_at_build: float | None = None  # MiB, for entries whose memory is taken when built
+
+
+def torch_module(case: Case, device) -> torch.nn.RNNBase:
+    """The shared weights: torch.nn's own module and initialisation, seeded per case."""
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=case.num_layers, bidirectional=case.bidirectional, device=device,
+                  dtype=case.torch_dtype)
+    if case.proj_size:
+        kwargs["proj_size"] = case.proj_size
+    if case.cell.startswith("RNN"):
+        kwargs["nonlinearity"] = case.cell[4:].lower()
+    return TORCH_MODULES[case.cell](case.input_size, case.hidden_size, **kwargs)
+
+
+def case_input(case: Case, device) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(case.T, case.B, case.input_size, device=device, dtype=case.torch_dtype)
+
+
+def _runner_for(model, x, case: Case) -> Runner:
+    """Eager step of a module returning (output, state): no grad for fwd; for fwdbwd backward of
+    the sum of the outputs."""
+    if case.pass_ == "fwd":
+        def step():
+            with torch.no_grad():
+                return model(x)
+    else:
+        x = x.detach().requires_grad_(True)
+
+        def step():
+            model(x)[0].float().sum().backward()
+
+    def output():
+        with torch.no_grad():
+            return model(x)[0]
+
+    def prepare():
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return Runner(step, output, prepare)
+
+
+def build_ours(case: Case, device) -> Runner:
+    model = rnn.from_torch(torch_module(case, device))
+    runner = _runner_for(model, case_input(case, device), case)
+    runner.output()  # one forward to learn which path and launches it takes
+    path = model.last_path
+    runner.details = {
+        "backend": path.backend,
+        "config": "; ".join(
+            f"{'persistent' if l.persistent else 'stepwise'} HB{l.config.hidden_block} BB{l.config.batch_block}"
+            f" KB{l.config.k_block or 'all'} warps{l.config.num_warps} grid{list(l.grid)}" for l in path.launches)
+        or path.reason,
+    }
+    return runner
+
+
+def build_torch_nn(case: Case, device) -> Runner:
+    return _runner_for(torch_module(case, device), case_input(case, device), case)
+
+
+class CellLoop(torch.nn.Module):
+    """A plain PyTorch loop of nn.LSTMCell / GRUCell / RNNCell over time, layers and directions,
+    holding torch.nn's weights."""
+
+    def __init__(self, module: torch.nn.RNNBase, cell: str):
+        super().__init__()
+        self.D = 2 if module.bidirectional else 1
+        self.is_lstm = cell == "LSTM"
+        cells = []
+        for layer in range(module.num_layers):
+            for suffix in ("", "_reverse")[:self.D]:
+                kwargs = dict(bias=module.bias, device=module.weight_hh_l0.device, dtype=module.weight_hh_l0.dtype)
+                if cell.startswith("RNN"):
+                    kwargs["nonlinearity"] = module.nonlinearity
+                c = TORCH_CELLS[cell](module.weight_ih_l0.shape[1] if layer == 0 else self.D * module.hidden_size,
+                                      module.hidden_size, **kwargs)
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    if hasattr(module, f"{name}_l{layer}{suffix}"):
+                        setattr(c, name, getattr(module, f"{name}_l{layer}{suffix}"))
+                cells.append(c)
+        self.cells = torch.nn.ModuleList(cells)
+
+    def forward(self, x):
+        T, B = x.shape[:2]
+        for layer in range(len(self.cells) // self.D):
+            outs = []
+            for d in range(self.D):
+                cell = self.cells[layer * self.D + d]
+                state = None
+                ys = [None] * T
+                for t in (range(T) if d == 0 else range(T - 1, -1, -1)):
+                    state = cell(x[t], state)
+                    ys[t] = state[0] if self.is_lstm else state
+                outs.append(torch.stack(ys))
+            x = torch.cat(outs, dim=-1)
+        return x, None
+
+
+def build_torch_loop(case: Case, device) -> Runner:
+    module = torch_module(case, device)
+    return _runner_for(CellLoop(module, case.cell), case_input(case, device), case)
+
+
+def build_cudnn_graph(case: Case, device) -> Runner:
+    """torch.nn captured once in a CUDA graph and replayed: what a careful user does to remove
+    launch overhead. Its memory is the graph's pool, measured while capturing."""
+    model = torch_module(case, device)
+    eager = _runner_for(model, case_input(case, device), case)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch's graph docs require
+        for _ in range(3):
+            eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager.prepare()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        eager.step()
+    torch.cuda.synchronize()
+    memory = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return Runner(graph.replay, eager.output, memory_at_build=memory)
+
+
+@dataclass(frozen=True)
+class Impl:
+    build: Callable[[Case, torch.device], Runner]
+    description: str
+    devices: tuple  # device types it runs on
+    supports: Callable[[Case], bool] = lambda case: True
+
+
+REGISTRY = {
+    "ours": Impl(build_ours, "rnn.RNN/LSTM/GRU (fused Triton kernels on CUDA)", ("cuda", "cpu")),
+    "cudnn": Impl(build_torch_nn, "torch.nn eager (cuDNN)", ("cuda",)),
+    "cudnn_graph": Impl(build_cudnn_graph, "torch.nn captured in a CUDA graph", ("cuda",)),
+    "torch_nn": Impl(build_torch_nn, "torch.nn on the CPU", ("cpu",)),
+    "torch_loop": Impl(build_torch_loop, "plain PyTorch nn.*Cell loop over time", ("cuda", "cpu"),
+                       supports=lambda case: not case.proj_size),  # the cells have no projection
+}
+
+# What the error column and the speed-up ratios compare against, per device type.
+BASELINE = {"cuda": "cudnn", "cpu": "torch_nn"}

@@ -1,0 +1,156 @@
+"""The CSV schema, the run's metadata, the summary table and the plots.
+
+CSV (long format, one row per case x implementation x metric), columns in this order:
+
+| column | meaning |
+| --- | --- |
+| timestamp | start of the run, ISO 8601 UTC |
+| git_commit | commit of the checkout that ran (``unknown`` outside git) |
+| device | GPU name, or ``cpu`` |
+| torch_version, triton_version, cudnn_version | versions that ran (cudnn empty without CUDA) |
+| suite | the named suite |
+| case_id | e.g. ``LSTM-T512-B16-I512-H512-bf16-fwd`` |
+| impl | ours, cudnn, cudnn_graph, torch_nn (CPU only), torch_loop |
+| cell, T, B, input_size, hidden_size, num_layers, bidirectional, proj_size, dtype, pass | the case |
+| metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err (see METRICS) |
+| unit | the metric's unit |
+| median, p20, p80 | the value: median and 20th/80th percentiles over timed repeats (memory and error: one value in median) |
+| backend, config | for ours: which path ran and each layer's kernel partition |
+| status | ``ok``, or why the row has no value |
+"""
+import datetime
+import math
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from profiling.cases import Case, matmul_flops
+
+METRICS = {
+    "time_ms": "ms",
+    "us_per_step": "us",
+    "tokens_per_s": "tokens/s",  # T*B per second
+    "tflops": "TFLOP/s",  # profiling.cases.matmul_flops over the median time
+    "peak_mem_mib": "MiB",  # above model and inputs; the pass column says inference (fwd) or training
+    "rel_err": "1",  # ||output - baseline output|| / ||baseline output|| on the same inputs
+}
+CASE_COLUMNS = ["cell", "T", "B", "input_size", "hidden_size", "num_layers", "bidirectional", "proj_size",
+                "dtype", "pass"]
+SCHEMA = (["timestamp", "git_commit", "device", "torch_version", "triton_version", "cudnn_version", "suite",
+           "case_id", "impl"] + CASE_COLUMNS + ["metric", "unit", "median", "p20", "p80", "backend", "config",
+                                                "status"])
+
+
+def run_metadata(device: torch.device, suite: str) -> dict:
+    import triton
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    cuda = device.type == "cuda"
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch_version": torch.__version__,
+        "triton_version": triton.__version__,
+        "cudnn_version": str(torch.backends.cudnn.version()) if cuda else "",
+        "suite": suite,
+    }
+
+
+def metric_rows(meta: dict, case: Case, impl: str, times, memory: float, rel_err: float, details: dict,
+                status: str = "ok") -> list[dict]:
+    """The rows of one (case, implementation); ``times`` is (median, p20, p80) in ms or None."""
+    base = dict(meta, case_id=case.id, impl=impl, **case.columns(), backend=details.get("backend", ""),
+                config=details.get("config", ""), status=status)
+    nan3 = (math.nan, math.nan, math.nan)
+    med, p20, p80 = times if times else nan3
+    flops = matmul_flops(case)
+    values = {
+        "time_ms": (med, p20, p80),
+        "us_per_step": tuple(t * 1e3 / case.T for t in (med, p20, p80)),
+        # faster times give larger rates: the 20th percentile of a rate comes from the 80th of time
+        "tokens_per_s": tuple(case.T * case.B / (t / 1e3) for t in (med, p80, p20)),
+        "tflops": tuple(flops / (t / 1e3) / 1e12 for t in (med, p80, p20)),
+        "peak_mem_mib": (memory, math.nan, math.nan),
+        "rel_err": (rel_err, math.nan, math.nan),
+    }
+    return [dict(base, metric=m, unit=METRICS[m], median=v[0], p20=v[1], p80=v[2]) for m, v in values.items()]
+
+
+def to_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=SCHEMA)
+
+
+def summary(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Per case: us per step of each implementation, ours' speed-up over the baseline (and over
+    cudnn_graph where measured), ours' memory over the baseline's, and ours' error."""
+    ok = frame[frame.status == "ok"]
+    steps = ok[ok.metric == "us_per_step"].pivot_table(index="case_id", columns="impl", values="median", sort=False)
+    memory = ok[ok.metric == "peak_mem_mib"].pivot_table(index="case_id", columns="impl", values="median",
+                                                          sort=False, dropna=False)
+    errors = ok[ok.metric == "rel_err"].pivot_table(index="case_id", columns="impl", values="median", sort=False)
+    table = pd.DataFrame(index=steps.index)
+    for impl in steps.columns:
+        table[f"{impl} us/step"] = steps[impl]
+    if "ours" in steps and baseline in steps:
+        table[f"speedup vs {baseline}"] = steps[baseline] / steps["ours"]
+    if "ours" in steps and "cudnn_graph" in steps:
+        table["speedup vs cudnn_graph"] = steps["cudnn_graph"] / steps["ours"]
+    if "ours" in memory and baseline in memory:
+        table[f"memory vs {baseline}"] = memory["ours"] / memory[baseline]
+    if "ours" in errors:
+        table["ours rel_err"] = errors["ours"]
+    return table.dropna(axis=1, how="all")  # e.g. memory on the CPU, which keeps no statistics
+
+
+def markdown(table: pd.DataFrame, title: str) -> str:
+    """A Markdown table (no optional dependency)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return "" if math.isnan(v) else (f"{v:.2e}" if abs(v) < 1e-2 and v != 0 else f"{v:.3g}")
+        return str(v)
+
+    header = ["case"] + list(table.columns)
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for case_id, row in table.iterrows():
+        lines.append("| " + " | ".join([case_id] + [fmt(v) for v in row.tolist()]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(frame: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
+    """us per step against batch, one line per implementation, one PNG per (cell, dtype, pass, H,
+    layers, directions) with at least two batch sizes. Empty when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    data = frame[(frame.metric == "us_per_step") & (frame.status == "ok")]
+    written = []
+    keys = ["cell", "dtype", "pass", "hidden_size", "num_layers", "bidirectional", "T"]
+    for key, group in data.groupby(keys):
+        if group.B.nunique() < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for impl, lines in group.groupby("impl"):
+            lines = lines.sort_values("B")
+            ax.plot(lines.B, lines["median"], marker="o", label=impl)
+        cell, dtype, pass_, H, L, bi, T = key
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="us per step",
+               title=f"{cell} H={H} L={L}{' bi' if bi else ''} T={T} {dtype} {pass_}")
+        batches = sorted(group.B.unique())
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.legend()
+        path = out_dir / f"{stem}-{cell}-H{H}-L{L}{'-bi' if bi else ''}-T{T}-{dtype}-{pass_}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written

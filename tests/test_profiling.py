@@ -1,0 +1,117 @@
+"""profiling/: the FLOP formula, the suites, the CSV schema and the cpu suite end to end."""
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from profiling import bench, report
+from profiling.cases import SUITES, Case, matmul_flops, select
+from profiling.impls import REGISTRY, CellLoop, torch_module
+
+
+def test_flops_single_layer_lstm():
+    # DESIGN.md's measured case: 9.6 ms for 2.2 TFLOP is 228 TFLOP/s.
+    case = Case("LSTM", T=512, B=256, input_size=1024, hidden_size=1024)
+    assert matmul_flops(case) == 512 * (2 * 256 * 4 * 1024 * 1024 * 2)
+    assert matmul_flops(case) / 9.6e-3 / 1e12 == pytest.approx(229, abs=1)
+
+
+def test_flops_stacked_bidirectional_projection_and_backward():
+    T, B, I, H, P = 3, 5, 7, 11, 4
+    case = Case("LSTM", T, B, I, H, num_layers=2, bidirectional=True, proj_size=P, dtype="fp32")
+    layer0 = 2 * (2 * B * 4 * H * (I + P) + 2 * B * H * P)
+    layer1 = 2 * (2 * B * 4 * H * (2 * P + P) + 2 * B * H * P)
+    assert matmul_flops(case) == T * (layer0 + layer1)
+    training = Case("LSTM", T, B, I, H, num_layers=2, bidirectional=True, proj_size=P, dtype="fp32",
+                    pass_="fwdbwd")
+    assert matmul_flops(training) == 3 * matmul_flops(case)
+    gru = Case("GRU", T, B, I, H)
+    rnn = Case("RNN_RELU", T, B, I, H)
+    assert matmul_flops(gru) == T * 2 * B * 3 * H * (I + H)
+    assert matmul_flops(rnn) == T * 2 * B * H * (I + H)
+
+
+def test_suites():
+    for name, cases in SUITES.items():
+        assert cases, name
+        assert len(set(cases)) == len(cases), f"{name} repeats a case"
+    assert 8 <= len(SUITES["quick"]) <= 16
+    assert {c.B for c in SUITES["latency"]} == {1, 8, 16, 32, 64}
+    assert {c.hidden_size for c in SUITES["latency"]} == {128, 256, 512, 1024}
+    assert all(c.B >= 128 for c in SUITES["throughput"])
+    assert {c.num_layers for c in SUITES["stacked"]} >= {2, 4} and any(c.bidirectional for c in SUITES["stacked"])
+    assert {c.pass_ for c in SUITES["training"]} == {"fwdbwd"}
+    assert set(SUITES["all"]) == set().union(*(SUITES[n] for n in ("quick", "latency", "throughput", "stacked",
+                                                                    "training")))
+    assert all(c.hidden_size <= 64 and c.dtype == "fp32" for c in SUITES["cpu"])
+
+
+def test_overrides_replace_the_suite_dimensions():
+    cases = select("latency", cells=["GRU"], hidden=[96], batch=[2, 3], seq=[10])
+    assert {(c.cell, c.hidden_size, c.input_size, c.T) for c in cases} == {("GRU", 96, 96, 10)}
+    assert sorted(c.B for c in cases) == [2, 3]
+    with pytest.raises(ValueError, match="unknown suite"):
+        select("nope")
+    with pytest.raises(ValueError, match="cell"):
+        Case("LSTMX", 1, 1, 1, 1)
+
+
+def test_cell_loop_matches_torch_nn():
+    case = Case("GRU", T=5, B=3, input_size=4, hidden_size=6, num_layers=2, bidirectional=True, dtype="fp64")
+    module = torch_module(case, "cpu")
+    x = torch.randn(5, 3, 4, dtype=torch.float64)
+    assert torch.allclose(CellLoop(module, "GRU")(x)[0], module(x)[0], rtol=0, atol=1e-12)
+
+
+def test_metric_rows_follow_the_schema():
+    case = Case("LSTM", T=4, B=2, input_size=3, hidden_size=5, dtype="fp32")
+    meta = report.run_metadata(torch.device("cpu"), "cpu")
+    rows = report.metric_rows(meta, case, "ours", (2.0, 1.0, 3.0), math.nan, 1e-7, {"backend": "reference"})
+    frame = report.to_frame(rows)
+    assert list(frame.columns) == report.SCHEMA
+    assert set(frame.metric) == set(report.METRICS)
+    by_metric = frame.set_index("metric")
+    assert by_metric.loc["us_per_step", "median"] == pytest.approx(2.0 * 1e3 / 4)
+    assert by_metric.loc["tokens_per_s", "p20"] == pytest.approx(4 * 2 / 3e-3)  # slow end of the rates
+    assert by_metric.loc["tflops", "median"] == pytest.approx(matmul_flops(case) / 2e-3 / 1e12)
+
+
+def test_cpu_suite_end_to_end(tmp_path, capsys):
+    code = bench.main(["--suite", "cpu", "--out", str(tmp_path), "--cells", "lstm,gru", "--hidden", "8",
+                       "--batch", "2", "--seq", "3", "--rep-ms", "1", "--warmup-ms", "1"])
+    assert code == 0
+    csvs = list(tmp_path.glob("bench-cpu-*.csv"))
+    assert len(csvs) == 1 and csvs[0].with_suffix(".md").exists()
+    frame = pd.read_csv(csvs[0])
+    assert list(frame.columns) == report.SCHEMA
+    assert set(frame.device) == {"cpu"}
+    assert set(frame.impl) == {name for name, impl in REGISTRY.items() if "cpu" in impl.devices}
+    assert set(frame.status) == {"ok"}
+    assert set(frame.cell) == {"LSTM", "GRU"} and set(frame.hidden_size) == {8} and set(frame["T"]) == {3}
+    times = frame[frame.metric == "time_ms"]
+    assert (times["median"] > 0).all() and (times.p20 <= times.p80).all()
+    errors = frame[(frame.metric == "rel_err") & (frame.impl == "ours")]
+    assert (errors["median"] < 1e-5).all()
+    ours = frame[frame.impl == "ours"]
+    assert set(ours.backend) <= {"reference", "triton"} and ours.backend.notna().all()
+    out = capsys.readouterr().out
+    assert "No GPU figures" in out and "speedup vs torch_nn" in out
+
+
+def test_gpu_suite_refused_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # the refusal only exists without it
+    assert bench.main(["--suite", "quick", "--out", str(tmp_path)]) == 2
+
+
+def test_plots(tmp_path):
+    pytest.importorskip("matplotlib")  # optional at run time; the profiling extra installs it
+    case_rows = []
+    meta = report.run_metadata(torch.device("cpu"), "cpu")
+    for B in (1, 4):
+        case = Case("GRU", T=8, B=B, input_size=4, hidden_size=4, dtype="fp32")
+        for impl, ms in (("ours", 1.0), ("torch_nn", 2.0)):
+            case_rows += report.metric_rows(meta, case, impl, (ms * B, ms, ms * 2), math.nan, 0.0, {})
+    written = report.plots(report.to_frame(case_rows), tmp_path, "t")
+    assert len(written) == 1 and written[0].stat().st_size > 1000
