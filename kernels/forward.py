@@ -198,7 +198,7 @@ class LaunchInfo:
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# (device index, compiled kernel identity, programs) -> whether the grid is co-resident.
+# (device, grid, constexprs, dtypes) -> whether the grid is co-resident.
 _residency_cache: dict = {}
 
 
@@ -302,12 +302,16 @@ def _choose_persistent(cfg, grid, args, strides, meta, device, interpreting) -> 
     if cfg.persistent is False:
         return False
     n_programs = grid[0] * grid[1] * grid[2]
-    compiled = rnn_fwd_kernel.warmup(*args, 0, 1, *strides, SYNC=not single,
-                                     launch_cooperative_grid=not single, grid=grid, **meta)
-    key = (device.index, compiled.hash, n_programs)
+    # Registers and shared memory depend on the constexprs and dtypes, not on T or B's value.
+    key = (device.index, grid, tuple(sorted(meta.items())), args[0].dtype, args[1].dtype)
     fits = _residency_cache.get(key)
     if fits is None:
-        fits = _residency_cache[key] = single or _co_resident(compiled, n_programs, device)
+        fits = single
+        if not single:
+            compiled = rnn_fwd_kernel.warmup(*args, 0, 1, *strides, SYNC=True, launch_cooperative_grid=True,
+                                             grid=grid, **meta)
+            fits = _co_resident(compiled, n_programs, device)
+        _residency_cache[key] = fits
     if cfg.persistent and not fits:
         raise ValueError(f"a persistent launch of {n_programs} programs is not co-resident on "
                          f"{torch.cuda.get_device_name(device)}; use persistent=False or None")
