@@ -38,13 +38,13 @@ class ForwardConfig:
 
 
 def k_block(hidden_size: int) -> int:
-    """The recurrent matmul's reduction runs over all of H in one tile (no K-chunking yet)."""
+    """H padded to a power of two (at least one dot tile): the recurrent matmul's whole reduction."""
     return max(MIN_TILE, triton.next_power_of_2(hidden_size))
 
 
 # Bytes of one program's W_hh slice (and of its h tile) that the default keeps on-chip; larger
 # slices are streamed in K chunks. Sized so every cell and dtype compiles within an H100's shared
-# memory (scripts/compile_check.py); issue-level tuning replaces this with measured configs.
+# memory (scripts/compile_check.py); a measured, autotuned choice is still to come.
 ON_CHIP_BUDGET = 32 * 1024
 
 
