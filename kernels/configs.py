@@ -1,5 +1,9 @@
-"""Launch configurations of the recurrent kernels: the config type and the heuristic default."""
-from dataclasses import dataclass
+"""Launch configurations of the recurrent kernels: the config type, the heuristic default, the
+space the autotuner searches and its on-disk cache."""
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
 
 import triton
 
@@ -16,6 +20,8 @@ class ForwardConfig:
     batch_block: batch rows per program; batch tiles = ceil(B / batch_block).
     k_block: chunk of the recurrent matmul's reduction over H; None keeps the program's whole
         slice of W_hh on-chip for all steps, a smaller power of two streams it in chunks.
+    fused_gates: LSTM/GRU compute all gates of the slice in one dot (N = 4 * hidden_block; GRU's
+        fourth gate is zeros) instead of one dot per gate (N = hidden_block each).
     persistent: one launch for all timesteps with a grid barrier (True), one launch per step
         (False), or the launcher's choice (None): persistent whenever the grid is co-resident.
     """
@@ -23,16 +29,17 @@ class ForwardConfig:
     hidden_block: int
     batch_block: int
     k_block: int | None = None
+    fused_gates: bool = False
     num_warps: int = 4
     persistent: bool | None = None
 
     def __post_init__(self):
-        for name in ("hidden_block", "batch_block", "k_block"):
+        for name, least in (("hidden_block", 4), ("batch_block", MIN_TILE), ("k_block", MIN_TILE)):
             value = getattr(self, name)
             if value is None and name == "k_block":
                 continue
-            if value < MIN_TILE or value & (value - 1):
-                raise ValueError(f"{name} must be a power of two >= {MIN_TILE}, got {value}")
+            if value < least or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= {least}, got {value}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be a power of two up to 16, got {self.num_warps}")
 
@@ -42,30 +49,173 @@ def k_block(hidden_size: int) -> int:
     return max(MIN_TILE, triton.next_power_of_2(hidden_size))
 
 
-# Bytes of one program's W_hh slice (and of its h tile) that the default keeps on-chip; larger
-# slices are streamed in K chunks. Sized so every cell and dtype compiles within an H100's shared
-# memory (scripts/compile_check.py); a measured, autotuned choice is still to come.
-ON_CHIP_BUDGET = 32 * 1024
+# What one program keeps on-chip for all steps when the default runs resident: its W_hh slice and
+# its h tile (bytes). Larger slices stream W_hh in K chunks of STREAM_K. Both bounds come from compiling for
+# sm_90 (scripts/compile_check.py): within them the defaults neither spill nor overflow shared memory.
+RESIDENT_WEIGHT_BYTES = 64 * 1024
+RESIDENT_H_BYTES = 32 * 1024
+STREAM_K = 64
+H100_SMS = 132
+
+# (hidden size, batch) pairs whose defaults scripts/compile_check.py verifies and the autotuner's
+# sweep covers by default.
+TUNED_SIZES = [(H, B) for H in (64, 128, 200, 256, 512, 768, 1024, 2048) for B in (1, 16, 64, 512)]
 
 
-def default_forward_config(hidden_size: int, batch: int, gates: int, elt_size: int,
-                           interpreting: bool) -> ForwardConfig:
+def default_forward_config(hidden_size: int, batch: int, gates: int, elt_size: int, interpreting: bool,
+                           directions: int = 1, sms: int = H100_SMS) -> ForwardConfig:
     """Heuristic partition for one layer of ``gates`` gates with weights of ``elt_size`` bytes.
 
-    On a GPU: 16 hidden units per program (all of H up to 64) spreads a layer over many SMs and
-    keeps each slice of W_hh small. Under the interpreter every program costs a Python pass per
-    step, so the whole layer goes to one program (fewest passes; it also runs persistently there).
+    On a GPU: batch tiles of 16 to 64 rows; then the fewest hidden units per program that still
+    spread each (direction, batch tile) over the SMs, so the whole grid is co-resident (one
+    program per SM) and runs persistently. LSTM/GRU fuse their gates into one dot (4 units per
+    program at least), an RNN needs 16. A slice within RESIDENT_WEIGHT_BYTES stays on-chip (batch
+    tiles of 16 only: wider h tiles spill); otherwise W_hh streams in chunks. A small layer goes
+    whole to one program per group, which needs no grid barrier. Under the
+    interpreter every program costs a Python pass per step, so the whole layer goes to one
+    program (fewest passes; it also runs persistently there).
     """
     full_k = k_block(hidden_size)
-    batch_block = min(64, max(MIN_TILE, triton.next_power_of_2(max(batch, 1))))
     if interpreting:
+        batch_block = min(64, max(MIN_TILE, triton.next_power_of_2(max(batch, 1))))
         return ForwardConfig(hidden_block=full_k, batch_block=batch_block)
-    hidden_block = full_k if hidden_size <= 64 else MIN_TILE
-    kb = full_k
-    while kb > MIN_TILE and gates * hidden_block * kb * elt_size > ON_CHIP_BUDGET:
-        kb //= 2
-    acc_size = max(elt_size, 4)
-    while batch_block > MIN_TILE and batch_block * kb * acc_size > ON_CHIP_BUDGET:
-        batch_block //= 2
-    return ForwardConfig(hidden_block=hidden_block, batch_block=batch_block,
-                         k_block=None if kb == full_k else kb, num_warps=4)
+    fused = gates > 1
+    width = 4 if fused else 1  # dot columns per hidden unit
+    batch_block = 16 if batch <= 16 else (32 if batch <= 32 else 64)
+    groups = directions * triton.cdiv(max(batch, 1), batch_block)
+    max_programs = max(1, sms // groups)
+    hidden_block = max(MIN_TILE // width, triton.next_power_of_2(triton.cdiv(hidden_size, max_programs)))
+    hidden_block = min(hidden_block, max(MIN_TILE // width, triton.next_power_of_2(hidden_size)))
+    if batch_block == 16 and _fits_resident(width * full_k, full_k, batch_block, elt_size):
+        hidden_block = full_k  # the whole layer in one program per group: no grid barrier at all
+    if batch_block == 16 and _fits_resident(width * hidden_block, full_k, batch_block, elt_size):
+        k = None
+    else:
+        k = STREAM_K if full_k > STREAM_K else None
+        hidden_block = min(hidden_block, 32 if batch_block == 16 else 16)
+    tiny = batch_block == 16 and k is None and width * hidden_block * full_k <= 4096
+    # ptxas spills a streamed single-gate 16-bit slice at 8 warps but not at 4 (sm_90 compiles)
+    narrow_stream = k is not None and width == 1 and elt_size < 4
+    return ForwardConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, fused_gates=fused,
+                         num_warps=4 if tiny or narrow_stream else 8)
+
+
+def _fits_resident(columns: int, full_k: int, batch_block: int, elt_size: int) -> bool:
+    """Whether a [full_k, columns] slice of W_hh and the [batch_block, full_k] h tile can stay in
+    registers without spilling (bounds read off sm_90 compiles; float32 needs half the elements)."""
+    weight_bytes, h_bytes = columns * full_k * elt_size, batch_block * full_k * elt_size
+    if elt_size >= 4:
+        return weight_bytes <= RESIDENT_WEIGHT_BYTES // 2 and h_bytes <= RESIDENT_H_BYTES // 2
+    return weight_bytes <= RESIDENT_WEIGHT_BYTES and h_bytes <= RESIDENT_H_BYTES
+
+
+def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
+                      sms: int = H100_SMS) -> list[ForwardConfig]:
+    """The autotuning space of one shape: the default, then its neighbours (half and double the
+    hidden block, the other K mode, the other gate layout, the other warp count), every one within
+    the compile-checked bounds (no shared-memory overflow)."""
+    base = default_forward_config(hidden_size, batch, gates, elt_size, False, directions, sms)
+    fused_options = (True, False) if gates > 1 else (False,)
+    out = [base]
+    for hb in (base.hidden_block // 2, base.hidden_block, base.hidden_block * 2):
+        for k in (None, STREAM_K) if k_block(hidden_size) > STREAM_K else (None,):
+            for fused in fused_options:
+                dot_width = hb * (4 if fused else 1)
+                if dot_width < MIN_TILE or hb > max(MIN_TILE, triton.next_power_of_2(hidden_size)):
+                    continue
+                columns = hb * (4 if fused else gates)  # of the whole slice, every gate
+                if k is None and not _fits_resident(columns // 2, k_block(hidden_size), base.batch_block // 2,
+                                                    elt_size):
+                    continue  # resident slices well past the bound only spill or overflow shared memory
+                for warps in (4, 8):
+                    cfg = ForwardConfig(hb, base.batch_block, k_block=k, fused_gates=fused, num_warps=warps)
+                    if cfg not in out:
+                        out.append(cfg)
+    return out
+
+
+def describe(cfg: ForwardConfig) -> str:
+    """A short name of a config, for reports and logs."""
+    return (f"HB{cfg.hidden_block}-BB{cfg.batch_block}-KB{cfg.k_block or 'all'}"
+            f"{'-fused' if cfg.fused_gates else ''}-w{cfg.num_warps}")
+
+
+CACHE_FORMAT = 1
+
+
+def tuning_key(kernel: str, cell: str, hidden_size: int, batch: int, dtype: str, directions: int, device: str,
+               triton_version: str) -> str:
+    """What a tuned config depends on. The batch enters as its power-of-two bucket, so nearby
+    batch sizes share one tuning; T never enters (it changes no code)."""
+    bucket = triton.next_power_of_2(max(batch, 1))
+    return (f"{kernel}|{cell}|H={hidden_size}|B<={bucket}|{dtype}|D={directions}|{device}"
+            f"|triton={triton_version}")
+
+
+class AutotuneCache:
+    """Winning configs by tuning key, in one JSON file.
+
+    A missing, unreadable or malformed file, one of another format, or an entry that is no longer
+    a valid config counts as absent: that shape is tuned again, never a crash. Writes go to a
+    temporary file renamed over the cache (atomic), under an exclusive lock, so concurrent writers
+    merge their entries and a reader never sees half a file.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._entries = None
+
+    def _read(self) -> dict:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("entries"), dict):
+            return {}
+        return data["entries"]
+
+    def get(self, key: str) -> ForwardConfig | None:
+        if self._entries is None:
+            self._entries = self._read()
+        entry = self._entries.get(key)
+        try:
+            return ForwardConfig(**entry["config"])
+        except (TypeError, KeyError, ValueError):
+            return None
+
+    def put(self, key: str, config: ForwardConfig, timings_ms: dict | None = None):
+        """Record a winner (and, for reference, each candidate's time per step)."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        entry = {"config": asdict(config), "timings_ms_per_step": timings_ms or {}}
+        with _locked(self.path + ".lock"):
+            entries = self._read()
+            entries[key] = entry
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path) or ".", prefix=".autotune-", suffix=".json")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"format": CACHE_FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        self._entries = entries
+
+
+class _locked:
+    """An exclusive advisory lock on a side file (no-op where fcntl is missing)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        self.file = open(self.path, "a")
+        try:
+            import fcntl
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # closing releases the lock

@@ -18,3 +18,15 @@ def backend() -> str:
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def autotune_enabled() -> bool:
+    """``RNN_AUTOTUNE``: time candidate configs on first use of a shape (default on); 0 keeps the
+    heuristic default."""
+    return os.environ.get("RNN_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir() -> str:
+    """``RNN_CACHE_DIR``: where the autotune cache lives (default ~/.cache/fused-rnn)."""
+    return os.environ.get("RNN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fused-rnn")

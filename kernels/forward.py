@@ -1,4 +1,7 @@
-"""Persistent forward kernel of one recurrent layer (both directions) and its launcher."""
+"""Persistent forward kernel of one recurrent layer (both directions), its launcher and the
+autotuner that picks its partition."""
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -8,7 +11,8 @@ import triton.language as tl
 from kernels import env
 from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
-from kernels.configs import ForwardConfig, default_forward_config, k_block
+from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, ForwardConfig, candidate_configs,
+                             default_forward_config, describe, k_block, tuning_key)
 
 
 @triton.jit
@@ -31,13 +35,66 @@ def _gate_weight(w_ptr, gate, H, offs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _gate_input(x_ptr, gate, H, mask, ACC: tl.constexpr):
-    return tl.load(x_ptr + gate * H, mask=mask, other=0.0).to(ACC)
+def _weights(w_dir, unit0, kk, H, G: tl.constexpr, HB: tl.constexpr, FUSED: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """This program's rows of W_hh^T for reduction indices kk.
+
+    FUSED: one [K, 4*HB] tile, column c holding gate c % 4 of unit unit0 + c // 4 (GRU's missing
+    fourth gate is a zero column), returned four times. Otherwise one [K, HB] tile per gate.
+    """
+    if FUSED:
+        cols = tl.arange(0, 4 * HB)
+        gate = cols % 4
+        unit = unit0 + cols // 4
+        ok = (gate < G) & (unit < H)
+        w = tl.load(w_dir + (gate * H + unit)[None, :] * H + kk[:, None], mask=(kk < H)[:, None] & ok[None, :],
+                    other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+        return w, w, w, w
+    else:
+        units = unit0 + tl.arange(0, HB)
+        offs = units[None, :] * H + kk[:, None]
+        mask = (kk < H)[:, None] & (units < H)[None, :]
+        w0 = _gate_weight(w_dir, 0, H, offs, mask, UPCAST)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if G >= 3:
+            w1 = _gate_weight(w_dir, 1, H, offs, mask, UPCAST)
+            w2 = _gate_weight(w_dir, 2, H, offs, mask, UPCAST)
+        if G == 4:
+            w3 = _gate_weight(w_dir, 3, H, offs, mask, UPCAST)
+        return w0, w1, w2, w3
 
 
 @triton.jit
-def _dot(h, w, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    return tl.dot(h.to(w.dtype), w, input_precision=PRECISION, out_dtype=ACC)
+def _preacts(h, w0, w1, w2, w3, G: tl.constexpr, HB: tl.constexpr, BB: tl.constexpr, FUSED: tl.constexpr,
+             PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """h [BB, K] times this program's weights: the recurrent pre-activation of each gate, [BB, HB]."""
+    if FUSED:
+        acc = tl.dot(h.to(w0.dtype), w0, input_precision=PRECISION, out_dtype=ACC)
+        # Columns are (unit, gate) with the gate fastest: peel the gate off in two halvings.
+        even, odd = tl.split(tl.reshape(acc, [BB, HB, 2, 2]))
+        a0, a2 = tl.split(even)
+        a1, a3 = tl.split(odd)
+        return a0, a1, a2, a3
+    else:
+        a0 = tl.dot(h.to(w0.dtype), w0, input_precision=PRECISION, out_dtype=ACC)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+        if G >= 3:
+            a1 = tl.dot(h.to(w1.dtype), w1, input_precision=PRECISION, out_dtype=ACC)
+            a2 = tl.dot(h.to(w2.dtype), w2, input_precision=PRECISION, out_dtype=ACC)
+        if G == 4:
+            a3 = tl.dot(h.to(w3.dtype), w3, input_precision=PRECISION, out_dtype=ACC)
+        return a0, a1, a2, a3
+
+
+@triton.jit
+def _gate_input(x_ptr, gate, H, mask, ACC: tl.constexpr):
+    return tl.load(x_ptr + gate * H, mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit(do_not_specialize=["T", "t0", "t1"])
@@ -57,7 +114,7 @@ def rnn_fwd_kernel(
     T, B, H, t0, t1,  # this launch runs steps [t0, t1) of T
     stride_xt, stride_xb, stride_ot, stride_ob,
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
+    HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, FUSED: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LEN: tl.constexpr, HAS_BHN: tl.constexpr,
     SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -66,7 +123,7 @@ def rnn_fwd_kernel(
 
     KB == BK: the program's rows of W_hh stay on-chip for every step and h_{t-1} is read whole.
     KB < BK: the reduction over H runs in chunks of KB, W_hh and h streamed from L2 each step
-    (for slices too large to keep on-chip).
+    (for slices too large to keep on-chip). FUSED: all gates in one dot (see _weights).
     """
     ACC: tl.constexpr = hbuf_ptr.dtype.element_ty
     RESIDENT: tl.constexpr = KB == BK
@@ -75,7 +132,8 @@ def rnn_fwd_kernel(
     d = tl.program_id(2)
     n_prog = tl.num_programs(0)
 
-    units = pid_h * HB + tl.arange(0, HB)
+    unit0 = pid_h * HB
+    units = unit0 + tl.arange(0, HB)
     rows = pid_b * BB + tl.arange(0, BB)
     unit_ok = units < H
     row_ok = rows < B
@@ -83,24 +141,13 @@ def rnn_fwd_kernel(
     w_dir = w_hh_ptr + d * G * H * H
     state_rows = d * B * H + rows[:, None] * H
     slot = D * B * H
-
     ks = tl.arange(0, KB)
-    # Weights of the first K chunk, transposed to [KB, HB]; when resident, all of them.
-    w_offs = units[None, :] * H + ks[:, None]
-    w_mask = (ks < H)[:, None] & unit_ok[None, :]
-    full_mask = row_ok[:, None] & (ks < H)[None, :]
-    w0 = _gate_weight(w_dir, 0, H, w_offs, w_mask, UPCAST)
-    w1 = w0
-    w2 = w0
-    w3 = w0
+
     if RESIDENT:
-        if G >= 3:
-            w1 = _gate_weight(w_dir, 1, H, w_offs, w_mask, UPCAST)
-            w2 = _gate_weight(w_dir, 2, H, w_offs, w_mask, UPCAST)
-        if G == 4:
-            w3 = _gate_weight(w_dir, 3, H, w_offs, w_mask, UPCAST)
+        w0, w1, w2, w3 = _weights(w_dir, unit0, ks, H, G, HB, FUSED, UPCAST)
+        full_mask = row_ok[:, None] & (ks < H)[None, :]
         h_full = _load_state(h0_ptr, hbuf_ptr + (t0 % 2) * slot, state_rows + ks[None, :], full_mask, t0,
-                             HAS_H0, ACC)
+                             HAS_H0, ACC).to(w0.dtype)
     b_hn = tl.zeros([HB], ACC)
     if HAS_BHN:
         b_hn = tl.load(b_hn_ptr + d * H + units, mask=unit_ok, other=0.0).to(ACC)
@@ -118,15 +165,7 @@ def rnn_fwd_kernel(
         t = s + d * (T - 1 - 2 * s)  # the reverse direction walks time backwards
         # Recurrent pre-activations h_{t-1} W_hh^T of this program's units, one per gate.
         if RESIDENT:
-            a0 = _dot(h_full, w0, PRECISION, ACC)
-            a1 = a0
-            a2 = a0
-            a3 = a0
-            if G >= 3:
-                a1 = _dot(h_full, w1, PRECISION, ACC)
-                a2 = _dot(h_full, w2, PRECISION, ACC)
-            if G == 4:
-                a3 = _dot(h_full, w3, PRECISION, ACC)
+            a0, a1, a2, a3 = _preacts(h_full, w0, w1, w2, w3, G, HB, BB, FUSED, PRECISION, ACC)
         else:
             a0 = tl.zeros([BB, HB], ACC)
             a1 = a0
@@ -137,14 +176,12 @@ def rnn_fwd_kernel(
                 kk = k0 + ks
                 h_chunk = _load_state(h0_ptr, src, state_rows + kk[None, :], row_ok[:, None] & (kk < H)[None, :],
                                       s, HAS_H0, ACC)
-                chunk_offs = w_offs + k0
-                chunk_mask = (kk < H)[:, None] & unit_ok[None, :]
-                a0 += _dot(h_chunk, _gate_weight(w_dir, 0, H, chunk_offs, chunk_mask, UPCAST), PRECISION, ACC)
-                if G >= 3:
-                    a1 += _dot(h_chunk, _gate_weight(w_dir, 1, H, chunk_offs, chunk_mask, UPCAST), PRECISION, ACC)
-                    a2 += _dot(h_chunk, _gate_weight(w_dir, 2, H, chunk_offs, chunk_mask, UPCAST), PRECISION, ACC)
-                if G == 4:
-                    a3 += _dot(h_chunk, _gate_weight(w_dir, 3, H, chunk_offs, chunk_mask, UPCAST), PRECISION, ACC)
+                v0, v1, v2, v3 = _weights(w_dir, unit0, kk, H, G, HB, FUSED, UPCAST)
+                p0, p1, p2, p3 = _preacts(h_chunk, v0, v1, v2, v3, G, HB, BB, FUSED, PRECISION, ACC)
+                a0 += p0
+                a1 += p1
+                a2 += p2
+                a3 += p3
 
         x_ptr = xw_ptr + t.to(tl.int64) * stride_xt + rows64[:, None] * stride_xb + d * G * H + units[None, :]
         if CELL == LSTM:
@@ -176,7 +213,8 @@ def rnn_fwd_kernel(
         else:
             tl.debug_barrier()
         if RESIDENT:
-            h_full = tl.load(nxt + state_rows + ks[None, :], mask=full_mask, other=0.0, cache_modifier=".cg")
+            h_full = tl.load(nxt + state_rows + ks[None, :], mask=full_mask, other=0.0,
+                             cache_modifier=".cg").to(w0.dtype)
         h_own = h_new
         c = c_new
 
@@ -229,66 +267,178 @@ def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     x: [T, B, I] ([B, T, I] when batch_first); w_ih: [D*G*H, I] (directions stacked);
     w_hh: [D, G*H, H]; bias: [D*G*H] or None (b_ih + b_hh, except GRU's b_hn); b_hn: [D, H] or None;
     h0, c0: [D, B, H] or None (zeros); lengths: [B] int32 on x's device or None.
+    config: the partition; None takes the tuned one (autotuning on first use of a shape on CUDA,
+    unless RNN_AUTOTUNE=0) or the heuristic default.
     out, hn, cn: optional preallocated outputs (tests poison them).
     Returns (out [T, B, D*H] or [B, T, D*H], h_n [D, B, H], c_n [D, B, H] or None, LaunchInfo).
     """
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"rnn_fwd: unsupported dtype {x.dtype}")
-    D, GH, H = w_hh.shape
+    layer = _Layer(cell, x, w_ih, w_hh, bias, b_hn, h0, c0, lengths, batch_first)
+    out = layer.empty_out() if out is None else out
+    hn = torch.empty(layer.D, layer.B, layer.H, dtype=x.dtype, device=x.device) if hn is None else hn
+    if layer.cell == Cell.LSTM and cn is None:
+        cn = torch.empty_like(hn)
+    cfg = config or _tuned_or_default(layer)
+    info = layer.launch(cfg, out, hn, cn)
+    return out, hn, (cn if layer.cell == Cell.LSTM else None), info
+
+
+class _Layer:
+    """One layer's inputs with the input projection done: what every launch of it shares."""
+
+    def __init__(self, cell, x, w_ih, w_hh, bias, b_hn, h0, c0, lengths, batch_first):
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"rnn_fwd: unsupported dtype {x.dtype}")
+        self.cell = Cell(cell)
+        self.D, GH, self.H = w_hh.shape
+        G = self.cell.gates
+        if GH != G * self.H:
+            raise ValueError(f"rnn_fwd: w_hh must have shape [D, {G}*H, H], got {list(w_hh.shape)}")
+        self.interpreting = env.interpreting()
+        if x.device.type != "cuda" and not self.interpreting:
+            raise RuntimeError("rnn_fwd: Triton kernels need a CUDA tensor or TRITON_INTERPRET=1")
+        self.T, self.B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+        self.batch_first, self.device, self.dtype = batch_first, x.device, x.dtype
+        self.w_hh, self.b_hn, self.h0, self.c0, self.lengths = w_hh, b_hn, h0, c0, lengths
+        x2d = x.reshape(-1, x.shape[-1])
+        xw = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
+        self.xw = xw.view(x.shape[0], x.shape[1], self.D * G * self.H)
+        self.precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda
+                                    and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+
+    def empty_out(self, steps=None):
+        T = self.T if steps is None else steps
+        shape = (self.B, T) if self.batch_first else (T, self.B)
+        return torch.empty(*shape, self.D * self.H, dtype=self.dtype, device=self.device)
+
+    def default_config(self) -> ForwardConfig:
+        return default_forward_config(self.H, self.B, self.cell.gates, self.w_hh.element_size(), self.interpreting,
+                                      self.D, _sm_count(self.device))
+
+    def launch(self, cfg: ForwardConfig, out, hn, cn, steps=None) -> LaunchInfo:
+        """Run the first ``steps`` timesteps (all by default) with partition ``cfg``."""
+        T, B, H, D = (self.T if steps is None else steps), self.B, self.H, self.D
+        xw = self.xw if steps is None else (self.xw[:, :steps] if self.batch_first else self.xw[:steps])
+        meta = kernel_meta(self.cell, D, H, cfg, has_h0=self.h0 is not None, has_c0=self.c0 is not None,
+                           has_len=self.lengths is not None, has_bhn=self.b_hn is not None,
+                           upcast=self.interpreting and self.dtype == torch.bfloat16, precision=self.precision)
+        n_h = triton.cdiv(H, cfg.hidden_block)
+        grid = (n_h, triton.cdiv(B, cfg.batch_block), D)
+        if B == 0:
+            return LaunchInfo("rnn_fwd_kernel", cfg, grid, False)
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        hbuf = torch.empty(2, D, B, H, dtype=acc, device=self.device)
+        is_lstm = self.cell == Cell.LSTM
+        cbuf = torch.empty(D, B, H, dtype=acc, device=self.device) if is_lstm else hbuf
+        sync = torch.zeros(grid[1] * D, dtype=torch.int32, device=self.device)
+        # Unused pointers get a valid tensor; their loads are compiled out by the HAS_* flags.
+        dummy = hbuf
+        args = tuple(t if t is not None else dummy for t in (xw, self.w_hh, self.b_hn, self.h0, self.c0, self.lengths,
+                                                           out, hn, cn if is_lstm else None, hbuf, cbuf, sync))
+        args += (T, B, H)
+        strides = (xw.stride(1), xw.stride(0)) if self.batch_first else (xw.stride(0), xw.stride(1))
+        strides += (out.stride(1), out.stride(0)) if self.batch_first else (out.stride(0), out.stride(1))
+        persistent = _choose_persistent(cfg, grid, args, strides, meta, self.device, self.interpreting)
+        if persistent:
+            rnn_fwd_kernel[grid](*args, 0, T, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, **meta)
+        else:
+            for s in range(T):
+                rnn_fwd_kernel[grid](*args, s, s + 1, *strides, SYNC=False, **meta)
+        return LaunchInfo("rnn_fwd_kernel", cfg, grid, persistent)
+
+
+_caches: dict = {}
+
+
+def autotune_cache() -> AutotuneCache:
+    """The on-disk cache of tuned configs (its path from RNN_CACHE_DIR)."""
+    path = os.path.join(env.cache_dir(), "autotune.json")
+    if path not in _caches:
+        _caches[path] = AutotuneCache(path)
+    return _caches[path]
+
+
+def _tuning_key(layer: _Layer) -> str:
+    dtype = str(layer.dtype).removeprefix("torch.") + ("-tf32" if layer.precision == "tf32" else "")
+    return tuning_key("rnn_fwd", layer.cell.name, layer.H, layer.B, dtype, layer.D,
+                      torch.cuda.get_device_name(layer.device), triton.__version__)
+
+
+def _tuned_or_default(layer: _Layer) -> ForwardConfig:
+    """The cached winner for this shape; on a miss, tune now (CUDA only, RNN_AUTOTUNE on, and not
+    while a CUDA graph is being captured: tuning synchronises) or take the heuristic default."""
+    if layer.device.type != "cuda" or layer.B == 0 or not env.autotune_enabled() \
+            or torch.cuda.is_current_stream_capturing():
+        return layer.default_config()
+    key = _tuning_key(layer)
+    cfg = autotune_cache().get(key)
+    if cfg is None:
+        cfg, _ = _tune(layer, key)
+    return cfg
+
+
+TUNE_STEPS = 64  # timesteps each candidate runs while tuning; the time per step is what counts
+
+
+def tune_forward(cell: Cell, x, w_ih, w_hh, bias=None, b_hn=None, batch_first: bool = False):
+    """Tune one layer shape now (whatever the cache holds) on these inputs, and cache the winner.
+
+    Returns (tuning key, winner, {candidate name: ms per step}, the heuristic default).
+    """
+    layer = _Layer(cell, x, w_ih, w_hh, bias, b_hn, None, None, None, batch_first)
+    if layer.device.type != "cuda":
+        raise RuntimeError("tune_forward times kernels on a GPU: it needs CUDA tensors")
+    key = _tuning_key(layer)
+    winner, timings = _tune(layer, key)
+    return key, winner, timings, layer.default_config()
+
+
+def _tune(layer: _Layer, key: str, repeats: int = 3):
+    """Time every candidate on the layer's own inputs, cache and return the fastest, with each
+    candidate's milliseconds per step (inf where it failed to compile or launch)."""
+    steps = min(layer.T, TUNE_STEPS)
+    out = layer.empty_out(steps)
+    hn = torch.empty(layer.D, layer.B, layer.H, dtype=layer.dtype, device=layer.device)
+    cn = torch.empty_like(hn)
+    timings = {}
+    best, best_ms = layer.default_config(), math.inf
+    for cfg in candidate_configs(layer.H, layer.B, layer.cell.gates, layer.w_hh.element_size(), layer.D,
+                                 _sm_count(layer.device)):
+        try:
+            layer.launch(cfg, out, hn, cn, steps)  # compiles; also the warm-up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                layer.launch(cfg, out, hn, cn, steps)
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end) / repeats / steps
+        except (triton.runtime.errors.OutOfResources, ValueError, RuntimeError):
+            ms = math.inf  # a candidate this device cannot run
+        timings[describe(cfg)] = ms
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    autotune_cache().put(key, best, {k: v for k, v in timings.items() if math.isfinite(v)})
+    return best, timings
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
+
+
+def kernel_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool, has_c0: bool, has_len: bool,
+                has_bhn: bool, upcast: bool, precision: str) -> dict:
+    """The constexprs and launch options of rnn_fwd_kernel for one layer and config (all but
+    SYNC, which depends on the launch mode)."""
     cell = Cell(cell)
-    G = cell.gates
-    if GH != G * H:
-        raise ValueError(f"rnn_fwd: w_hh must have shape [D, {G}*H, H], got {list(w_hh.shape)}")
-    T, B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
-    interpreting = env.interpreting()
-    if x.device.type != "cuda" and not interpreting:
-        raise RuntimeError("rnn_fwd: Triton kernels need a CUDA tensor or TRITON_INTERPRET=1")
-
-    x2d = x.reshape(-1, x.shape[-1])
-    xw = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
-    xw = xw.view(x.shape[0], x.shape[1], D * G * H)
-    if out is None:
-        out = torch.empty(x.shape[0], x.shape[1], D * H, dtype=x.dtype, device=x.device)
-    if hn is None:
-        hn = torch.empty(D, B, H, dtype=x.dtype, device=x.device)
-    is_lstm = cell == Cell.LSTM
-    if is_lstm and cn is None:
-        cn = torch.empty(D, B, H, dtype=x.dtype, device=x.device)
-
-    cfg = config or default_forward_config(H, B, G, w_hh.element_size(), interpreting)
-    n_h = triton.cdiv(H, cfg.hidden_block)
-    grid = (n_h, triton.cdiv(B, cfg.batch_block), D)
-    if B == 0:
-        return out, hn, cn, LaunchInfo("rnn_fwd_kernel", cfg, grid, False)
-
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    hbuf = torch.empty(2, D, B, H, dtype=acc, device=x.device)
-    cbuf = torch.empty(D, B, H, dtype=acc, device=x.device) if is_lstm else hbuf
-    sync = torch.zeros(grid[1] * D, dtype=torch.int32, device=x.device)
-    # Unused pointers get a valid tensor; their loads are compiled out by the HAS_* flags.
-    dummy = hbuf
-    precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda
-                           and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    args = (xw, w_hh, b_hn if b_hn is not None else dummy, h0 if h0 is not None else dummy,
-            c0 if c0 is not None else dummy, lengths if lengths is not None else dummy,
-            out, hn, cn if is_lstm else dummy, hbuf, cbuf, sync, T, B, H)
-    strides = (xw.stride(1), xw.stride(0)) if batch_first else (xw.stride(0), xw.stride(1))
-    strides += (out.stride(1), out.stride(0)) if batch_first else (out.stride(0), out.stride(1))
-    meta = dict(CELL=int(cell), G=G, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
-                KB=min(cfg.k_block or k_block(H), k_block(H)),
-                HAS_H0=h0 is not None, HAS_C0=c0 is not None, HAS_LEN=lengths is not None,
-                HAS_BHN=b_hn is not None, UPCAST=interpreting and x.dtype == torch.bfloat16,
-                PRECISION=precision, num_warps=cfg.num_warps,
+    fused = cfg.fused_gates and cell.gates > 1  # one gate has nothing to fuse
+    if (4 if fused else 1) * cfg.hidden_block < MIN_TILE:
+        raise ValueError(f"hidden_block={cfg.hidden_block} makes a dot narrower than {MIN_TILE} columns"
+                         + ("" if fused else "; use at least 16, or fused_gates for LSTM/GRU"))
+    return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
+                KB=min(cfg.k_block or k_block(H), k_block(H)), FUSED=fused, HAS_H0=has_h0, HAS_C0=has_c0,
+                HAS_LEN=has_len, HAS_BHN=has_bhn, UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps,
                 # No software pipelining: it could hoist the next step's h load above the barrier.
                 num_stages=1)
-
-    persistent = _choose_persistent(cfg, grid, args, strides, meta, x.device, interpreting)
-    if persistent:
-        rnn_fwd_kernel[grid](*args, 0, T, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, **meta)
-    else:
-        for s in range(T):
-            rnn_fwd_kernel[grid](*args, s, s + 1, *strides, SYNC=False, **meta)
-    return out, hn, (cn if is_lstm else None), LaunchInfo("rnn_fwd_kernel", cfg, grid, persistent)
 
 
 def _choose_persistent(cfg, grid, args, strides, meta, device, interpreting) -> bool:

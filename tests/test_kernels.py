@@ -30,6 +30,12 @@ PARTITIONS = {
     # K chunks with three programs, stepwise
     "chunked-multi": (dict(H=40), ForwardConfig(hidden_block=16, batch_block=16, k_block=32, persistent=False),
                       False),
+    # all gates in one dot (LSTM/GRU; one gate has nothing to fuse): one program, then ten of 4 units
+    "fused-single": (dict(H=40), ForwardConfig(hidden_block=64, batch_block=16, fused_gates=True), True),
+    "fused-multi": (dict(H=40, B=18), ForwardConfig(hidden_block=16, batch_block=16, fused_gates=True,
+                                                    persistent=False), False),
+    "fused-chunked": (dict(H=40), ForwardConfig(hidden_block=64, batch_block=16, k_block=16, fused_gates=True),
+                      True),
 }
 
 
@@ -46,12 +52,12 @@ def test_partitions(cell, partition, kernel_device):
     assert info.grid == (-(-H // info.config.hidden_block), -(-B // info.config.batch_block), 2)
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["resident", "chunked"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["resident", "chunked-fused"])
 @pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_dtypes(cell, dtype, chunked, kernel_device):
     torch.manual_seed(2)
-    config = ForwardConfig(32, 16, k_block=16) if chunked else None
+    config = ForwardConfig(32, 16, k_block=16, fused_gates=True) if chunked else None
     result, ref = run_layer(cell, dtype=dtype, device=kernel_device, H=24, config=config)
     assert result[0].dtype == dtype and result[1].dtype == dtype
     # fp32 under the interpreter is full precision; on a GPU this test may see tf32 only if enabled.
@@ -96,14 +102,45 @@ def test_empty_batch(kernel_device):
     assert result[0].shape == ref[0].shape == (5, 0, 34)
 
 
+@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU], ids=["LSTM", "GRU"])
+def test_fused_four_units_per_program(cell, kernel_device):
+    """hidden_block=4: a 16-column fused dot, the narrowest the hardware takes."""
+    torch.manual_seed(6)
+    result, ref = run_layer(cell, H=10, device=kernel_device,
+                            config=ForwardConfig(hidden_block=4, batch_block=16, fused_gates=True, persistent=False))
+    assert result[3].grid[0] == 3
+    assert_close(result, ref, TOL[torch.float64])
+
+
+def test_narrow_unfused_dot_refused():
+    with pytest.raises(ValueError, match="narrower"):
+        run_layer(Cell.RNN_TANH, config=ForwardConfig(hidden_block=8, batch_block=16, fused_gates=True))
+
+
 def test_persistent_multi_program_refused_by_interpreter():
     with pytest.raises(ValueError, match="interpreter"):
         run_layer(Cell.RNN_TANH, H=40, config=ForwardConfig(16, 16, persistent=True))
 
 
-@pytest.mark.parametrize("kwargs", [dict(hidden_block=12, batch_block=16), dict(hidden_block=16, batch_block=8),
+@pytest.mark.parametrize("kwargs", [dict(hidden_block=12, batch_block=16), dict(hidden_block=2, batch_block=16),
+                                    dict(hidden_block=16, batch_block=8),
                                     dict(hidden_block=16, batch_block=16, num_warps=3),
                                     dict(hidden_block=16, batch_block=16, k_block=24)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
         ForwardConfig(**kwargs)
+
+
+@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_RELU], ids=["LSTM", "GRU", "RNN_RELU"])
+def test_every_candidate_of_a_shape(cell, kernel_device):
+    """Each config the autotuner may pick for an H=80, B=20 bidirectional layer (W_hh resident or
+    streamed in two K chunks, gates fused or not, 4 to 64 units per program) computes the layer."""
+    from kernels.configs import candidate_configs
+    configs = candidate_configs(80, 20, cell.gates, 8, directions=2)
+    assert {c.k_block for c in configs} == {None, 64}
+    for config in configs:
+        torch.manual_seed(7)
+        result, ref = run_layer(cell, T=3, B=20, H=80, I=8, D=2, device=kernel_device,
+                                config=ForwardConfig(config.hidden_block, config.batch_block, k_block=config.k_block,
+                                                     fused_gates=config.fused_gates, persistent=False))
+        assert_close(result, ref, TOL[torch.float64])

@@ -1,0 +1,116 @@
+"""Partition heuristics, the autotuning space and the on-disk autotune cache."""
+import json
+import multiprocessing
+import os
+
+import pytest
+import torch
+import triton
+
+from kernels import env
+from kernels.configs import (TUNED_SIZES, AutotuneCache, ForwardConfig, candidate_configs, default_forward_config,
+                             tuning_key)
+from kernels.forward import _Layer, _tuned_or_default, autotune_cache
+
+SHAPES = [(H, B, gates, elt, D) for H, B in TUNED_SIZES for gates in (1, 3, 4) for elt in (2, 4) for D in (1, 2)]
+
+
+@pytest.mark.parametrize("H, B, gates, elt, D", SHAPES[::7])
+def test_defaults_and_candidates_are_valid(H, B, gates, elt, D):
+    default = default_forward_config(H, B, gates, elt, False, D)
+    candidates = candidate_configs(H, B, gates, elt, D)
+    assert candidates[0] == default and len(set(candidates)) == len(candidates)
+    for cfg in candidates:
+        width = 4 if cfg.fused_gates and gates > 1 else 1
+        assert width * cfg.hidden_block >= 16, cfg
+        assert cfg.batch_block == default.batch_block
+        assert not cfg.fused_gates or gates > 1
+
+
+def test_default_spreads_small_batches_over_the_sms():
+    """Up to B=64 the default grid fits one program per SM of an H100 (so it runs persistently),
+    and a small layer takes one program per group (no barrier)."""
+    for H, B, gates, elt, D in SHAPES:
+        if B > 64 or H > 1024:
+            continue
+        cfg = default_forward_config(H, B, gates, elt, False, D)
+        programs = triton.cdiv(H, cfg.hidden_block) * triton.cdiv(B, cfg.batch_block) * D
+        assert programs <= 132, (H, B, gates, elt, D, cfg)
+    assert triton.cdiv(64, default_forward_config(64, 8, 4, 2, False).hidden_block) == 1
+
+
+def test_interpreter_default_is_one_program():
+    cfg = default_forward_config(200, 3, 4, 4, interpreting=True)
+    assert cfg.hidden_block >= 200 and cfg.k_block is None
+
+
+def test_tuning_key_buckets_batch_and_ignores_nothing_else():
+    a = tuning_key("rnn_fwd", "LSTM", 512, 9, "bfloat16", 1, "H100", "3.6.0")
+    assert a == tuning_key("rnn_fwd", "LSTM", 512, 16, "bfloat16", 1, "H100", "3.6.0")
+    for changed in (dict(cell="GRU"), dict(hidden_size=256), dict(batch=17), dict(dtype="float16"),
+                    dict(directions=2), dict(device="H200"), dict(triton_version="3.7.0")):
+        args = dict(kernel="rnn_fwd", cell="LSTM", hidden_size=512, batch=9, dtype="bfloat16", directions=1,
+                    device="H100", triton_version="3.6.0")
+        args.update(changed)
+        assert tuning_key(**args) != a, changed
+
+
+def test_cache_round_trip(tmp_path):
+    path = str(tmp_path / "sub" / "autotune.json")
+    cfg = ForwardConfig(8, 16, k_block=64, fused_gates=True, num_warps=8)
+    AutotuneCache(path).put("k1", cfg, {"HB8": 0.001})
+    assert AutotuneCache(path).get("k1") == cfg
+    assert AutotuneCache(path).get("missing") is None
+    data = json.loads(open(path).read())
+    assert data["entries"]["k1"]["timings_ms_per_step"] == {"HB8": 0.001}
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 0, "entries": {}}), json.dumps([1, 2]),
+                                     json.dumps({"format": 1, "entries": {"k1": {"config": {"hidden_block": 3}}}})],
+                         ids=["garbage", "old-format", "not-a-map", "invalid-entry"])
+def test_bad_cache_counts_as_empty_and_is_rewritten(tmp_path, content):
+    path = tmp_path / "autotune.json"
+    path.write_text(content)
+    cache = AutotuneCache(str(path))
+    assert cache.get("k1") is None
+    cache.put("k2", ForwardConfig(16, 16))
+    assert AutotuneCache(str(path)).get("k2") == ForwardConfig(16, 16)
+
+
+def _writer(path, start):
+    cache = AutotuneCache(path)
+    for i in range(start, start + 20):
+        cache.put(f"key{i}", ForwardConfig(16, 16, num_warps=8 if i % 2 else 4))
+
+
+def test_concurrent_writers_merge_and_never_corrupt(tmp_path):
+    path = str(tmp_path / "autotune.json")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(path, 100 * n)) for n in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    entries = json.loads(open(path).read())["entries"]
+    assert len(entries) == 80
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".autotune-")], "temporary files left behind"
+
+
+def test_env_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("RNN_AUTOTUNE", "0")
+    assert not env.autotune_enabled()
+    monkeypatch.setenv("RNN_AUTOTUNE", "1")
+    assert env.autotune_enabled()
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    assert autotune_cache().path == str(tmp_path / "autotune.json")
+
+
+def test_no_tuning_off_cuda(monkeypatch, tmp_path):
+    """CPU tensors (the interpreter) take the heuristic default and never touch the cache."""
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(3, 2, 4)
+    layer = _Layer(2, x, torch.randn(4 * 8, 4), torch.randn(1, 4 * 8, 8), None, None, None, None, None, False)
+    assert _tuned_or_default(layer) == layer.default_config()
+    assert not os.listdir(tmp_path)
