@@ -1,9 +1,15 @@
-"""Compile every forward-kernel variant for an H100 (sm_90) without a GPU, and report resources.
+"""Compile forward-kernel variants for an H100 (sm_90) without a GPU, and report resources.
 
 Catches what only the compiler sees (loop-carried type changes, non-constexpr globals, shared
-memory overflow) on a CPU machine. For each variant prints registers, spills and shared memory
-from ptxas; exits non-zero if a variant fails to compile or needs more shared memory than an H100
-has. Usage: python -m scripts.compile_check [--quick] [--jobs N]
+memory overflow, register spills) on a CPU machine. For each variant prints registers, spilled
+bytes and shared memory from ptxas; exits non-zero if a variant fails to compile, needs more
+shared memory than an H100 has, or, for a heuristic default, spills.
+
+    python -m scripts.compile_check [--quick] [--space] [--jobs N]
+
+--quick: the defaults of a few sizes (CI); default: the defaults of every size in
+kernels.configs.TUNED_SIZES; --space: also every candidate of the autotuning space there.
+Must run without TRITON_INTERPRET (it compiles real GPU code).
 """
 import argparse
 import itertools
@@ -19,39 +25,23 @@ H100_SHARED_BYTES = 232448  # opt-in shared memory per block on an H100
 ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 
 
-def variants(quick: bool):
-    """(name, dtype, constexprs, num_warps) of each variant worth compiling."""
-    from kernels.cells import Cell
-    from kernels.configs import default_forward_config, k_block
-
-    flags = dict(HAS_H0=True, HAS_C0=True, HAS_LEN=True, HAS_BHN=True, UPCAST=False)
-    sizes = [(64, 8), (256, 16)] if quick else [(64, 8), (256, 16), (512, 64), (1024, 16)]
-    for cell, dtype, (H, B), sync in itertools.product(Cell, ELEMENT_SIZE, sizes, (False, True)):
-        if quick and (dtype == "fp64" and (H, B) != sizes[0]):
-            continue
-        cfg = default_forward_config(H, B, cell.gates, ELEMENT_SIZE[dtype], interpreting=False)
-        meta = dict(CELL=int(cell), G=cell.gates, D=2, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
-                    KB=cfg.k_block or k_block(H),
-                    SYNC=sync, PRECISION="tf32" if dtype == "fp32" else "ieee",
-                    **dict(flags, HAS_BHN=cell == Cell.GRU, HAS_C0=cell == Cell.LSTM))
-        chunk = f"-KB{cfg.k_block}" if cfg.k_block else ""
-        yield f"{cell.name}-{dtype}-H{H}-B{B}{chunk}-{'sync' if sync else 'nosync'}", dtype, meta, cfg.num_warps
-    # Each optional input off once: the code without it must compile too.
-    for flag in ("HAS_H0", "HAS_LEN"):
-        meta = dict(CELL=int(Cell.LSTM), G=4, D=1, HB=16, BB=16, BK=64, KB=32, SYNC=True, PRECISION="ieee",
-                    **dict(flags, HAS_BHN=False, **{flag: False}))
-        yield f"LSTM-bf16-no-{flag}", "bf16", meta, 4
-
-
-def compile_one(job):
-    name, dtype, meta, num_warps = job
+def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, flags: dict | None = None) -> dict:
+    """Compile rnn_fwd_kernel for sm_90 with every optional input present (the most code) unless
+    ``flags`` says otherwise; returns {regs, spills (bytes), shared (bytes)}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    from kernels.forward import rnn_fwd_kernel
+    from kernels.cells import Cell
+    from kernels.forward import kernel_meta, rnn_fwd_kernel
 
+    cell = Cell(cell)
+    options = dict(has_h0=True, has_c0=cell == Cell.LSTM, has_len=True, has_bhn=cell == Cell.GRU)
+    options.update(flags or {})
+    meta = kernel_meta(cell, D, H, cfg, upcast=False, precision="tf32" if dtype == "fp32" else "ieee", **options)
+    launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"), launch_cooperative_grid=sync)
+    meta["SYNC"] = sync
     acc = "fp64" if dtype == "fp64" else "fp32"
     signature = {}
     for arg in rnn_fwd_kernel.arg_names:
@@ -65,13 +55,8 @@ def compile_one(job):
             signature[arg] = f"*{dtype}"
         else:
             signature[arg] = "i32"
-    try:
-        compiled = triton.compile(ASTSource(rnn_fwd_kernel, signature, constexprs=meta),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=num_warps, num_stages=1,
-                                               launch_cooperative_grid=meta["SYNC"]))
-    except Exception as exc:  # report every failing variant, not just the first
-        return name, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    compiled = triton.compile(ASTSource(rnn_fwd_kernel, signature, constexprs=meta), target=GPUTarget("cuda", 90, 32),
+                              options=launch)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
@@ -80,31 +65,71 @@ def compile_one(job):
                              capture_output=True, text=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return name, dict(regs=regs, spills=spills, shared=compiled.metadata.shared), None
+    return dict(regs=regs, spills=spills, shared=compiled.metadata.shared)
+
+
+def variants(quick: bool, space: bool):
+    """(name, cell, dtype, H, config, sync, is_default, flags) of each variant worth compiling."""
+    from kernels.cells import Cell
+    from kernels.configs import TUNED_SIZES, candidate_configs, default_forward_config, describe, k_block
+
+    sizes = [(64, 8), (256, 16), (1024, 64)] if quick else TUNED_SIZES
+    seen = set()
+    for cell, dtype, (H, B), D in itertools.product(Cell, ELEMENT_SIZE, sizes, (1, 2)):
+        # fp64 is for exact checks, not speed: it must compile, at small sizes.
+        if dtype == "fp64" and H > 64:
+            continue
+        default = default_forward_config(H, B, cell.gates, ELEMENT_SIZE[dtype], False, D)
+        configs = [(default, True)]
+        if space:
+            configs += [(cfg, False) for cfg in candidate_configs(H, B, cell.gates, ELEMENT_SIZE[dtype], D)]
+        for cfg, is_default in configs:
+            for sync in (False, True) if is_default else (True,):
+                # The code depends on H only through its power-of-two padding.
+                key = (cell, dtype, k_block(H), cfg, sync)
+                if key in seen:
+                    continue
+                seen.add(key)
+                kind = "default" if is_default else "candidate"
+                yield (f"{cell.name}-{dtype}-H{H}-{kind}-{describe(cfg)}-{'sync' if sync else 'nosync'}", cell,
+                       dtype, H, cfg, sync, is_default, None)
+    # Each optional input off once: the code without it must compile too.
+    for flag in ("has_h0", "has_len"):
+        from kernels.configs import ForwardConfig
+        yield f"LSTM-bf16-no-{flag}", Cell.LSTM, "bf16", 64, ForwardConfig(16, 16, k_block=32), True, False, \
+            {flag: False}
+
+
+def _compile_job(job):
+    name, cell, dtype, H, cfg, sync, is_default, flags = job
+    try:
+        return name, is_default, compile_sm90(cell, dtype, H, cfg, sync, flags=flags), None
+    except Exception as exc:  # report every failing variant, not just the first
+        return name, is_default, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sizes (the CI test)")
+    parser.add_argument("--quick", action="store_true", help="the defaults of a few sizes (the CI test)")
+    parser.add_argument("--space", action="store_true", help="also every autotuning candidate")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("compile_check: unset TRITON_INTERPRET; it compiles real GPU code")
-    jobs = list(variants(args.quick))
+    jobs = list(variants(args.quick, args.space))
     failed = 0
-    print(f"{'variant':<34} {'regs':>5} {'spill B':>8} {'shared B':>9}")
-    print("(KB: the reduction over H runs in chunks, W_hh streamed from L2)")
+    print(f"{'variant':<64} {'regs':>5} {'spill B':>8} {'shared B':>9}")
     with ProcessPoolExecutor(args.jobs) as pool:
-        for name, res, err in pool.map(compile_one, jobs):
-            if err:
-                failed += 1
-                print(f"{name:<34} FAILED {err}")
-            elif res["shared"] > H100_SHARED_BYTES:
-                failed += 1
-                print(f"{name:<34} {res['regs']:>5} {res['spills']:>8} {res['shared']:>9}  over the H100's shared memory")
-            else:
-                print(f"{name:<34} {res['regs']:>5} {res['spills']:>8} {res['shared']:>9}")
-    print(f"{len(jobs) - failed} of {len(jobs)} variants compiled for sm_90")
+        for name, is_default, res, err in pool.map(_compile_job, jobs):
+            problem = err
+            if res and res["shared"] > H100_SHARED_BYTES:
+                problem = "over the H100's shared memory"
+            elif res and is_default and res["spills"]:
+                problem = "a default that spills registers"
+            failed += problem is not None
+            numbers = f"{res['regs']:>5} {res['spills']:>8} {res['shared']:>9}" if res else ""
+            print(f"{name:<64} {numbers}" + (f"  FAILED: {problem}" if problem else ""))
+    print(f"{len(jobs) - failed} of {len(jobs)} variants compiled for sm_90 within limits")
     return 1 if failed else 0
 
 

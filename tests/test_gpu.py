@@ -102,3 +102,59 @@ def test_grid_too_large_runs_stepwise():
     with pytest.raises(ValueError, match="co-resident"):
         run_layer(Cell.GRU, T=6, B=512, I=32, H=256, dtype=torch.float32, device="cuda",
                   config=ForwardConfig(hidden_block=16, batch_block=16, persistent=True))
+
+
+SCALE_SHAPES = {  # (T, B, H): issue 4's corners; input size 64 keeps the reference quick
+    "H2048-B4": (6, 4, 2048),
+    "H1024-B64": (12, 64, 1024),
+    "H512-B512": (4, 512, 512),
+    "H200-B3-T1": (1, 3, 200),
+}
+
+
+@pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
+@pytest.mark.parametrize("shape", SCALE_SHAPES, ids=list(SCALE_SHAPES))
+@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
+def test_default_partitions_at_scale(cell, shape, precision, monkeypatch):
+    """The heuristic default (no autotuning) at large H and B, both directions, every dtype."""
+    monkeypatch.setenv("RNN_AUTOTUNE", "0")
+    T, B, H = SCALE_SHAPES[shape]
+    torch.manual_seed(8)
+    dtype = DTYPES[precision]
+    result, ref = run_layer(cell, T=T, B=B, I=64, H=H, D=2, dtype=dtype, device="cuda")
+    assert_close(result, ref, TOL["tf32" if precision == "tf32" else dtype])
+
+
+@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
+def test_every_candidate_on_cuda(cell):
+    """Every config of the autotuning space of two shapes runs and is right (persistent where
+    co-resident, stepwise otherwise)."""
+    from kernels.configs import candidate_configs
+    for T, B, H in ((8, 8, 1024), (5, 100, 256)):
+        for config in candidate_configs(H, B, cell.gates, 2, directions=2):
+            torch.manual_seed(9)
+            result, ref = run_layer(cell, T=T, B=B, I=32, H=H, D=2, dtype=torch.bfloat16, device="cuda",
+                                    config=config)
+            assert_close(result, ref, TOL[torch.bfloat16])
+
+
+def test_autotune_fills_and_reuses_the_cache(monkeypatch, tmp_path):
+    import json
+
+    from kernels import forward
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("RNN_AUTOTUNE", "1")
+    torch.manual_seed(10)
+    model = rnn.GRU(64, 256, bidirectional=True).to("cuda", torch.float16)
+    x = torch.randn(40, 8, 64, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        first = model(x)[0]
+    entries = json.loads((tmp_path / "autotune.json").read_text())["entries"]
+    assert len(entries) == 1
+    (key, entry), = entries.items()
+    assert "GRU" in key and "H=256" in key and entry["timings_ms_per_step"]
+    monkeypatch.setattr(forward, "_tune", lambda *a, **k: pytest.fail("a cached shape was tuned again"))
+    with torch.no_grad():
+        again = model(x)[0]
+    assert torch.equal(first, again)
+    assert model.last_path.launches[0].config == forward.autotune_cache().get(key)
