@@ -109,6 +109,31 @@ def _fits_resident(columns: int, full_k: int, batch_block: int, elt_size: int) -
     return weight_bytes <= RESIDENT_WEIGHT_BYTES and h_bytes <= RESIDENT_H_BYTES
 
 
+def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: int, interpreting: bool,
+                            directions: int = 1, sms: int = H100_SMS) -> ForwardConfig:
+    """Heuristic partition of the backward kernel (fused_gates unused). A program owns hidden
+    units and holds their columns of W_hh across all gates ([G*H, HB]); its recurrent product
+    reduces over G*H, so k_block chunks that reduction. The dot's width is the hidden block, so
+    at least 16 units per program; otherwise the same rules as the forward default."""
+    full_k = max(MIN_TILE, triton.next_power_of_2(gates * hidden_size))
+    if interpreting:
+        batch_block = min(64, max(MIN_TILE, triton.next_power_of_2(max(batch, 1))))
+        return ForwardConfig(hidden_block=k_block(hidden_size), batch_block=batch_block)
+    batch_block = 16 if batch <= 16 else (32 if batch <= 32 else 64)
+    groups = directions * triton.cdiv(max(batch, 1), batch_block)
+    hidden_block = max(MIN_TILE, triton.next_power_of_2(triton.cdiv(hidden_size, max(1, sms // groups))))
+    hidden_block = min(hidden_block, k_block(hidden_size))
+    # Each step also loads every program's gate gradients ([BB, G*H]): far less stays resident
+    # than in the forward; chunks of 2*STREAM_K (STREAM_K for wide batch tiles) compile without
+    # spills (sm_90 compiles).
+    if full_k <= STREAM_K or (batch_block == 16 and hidden_block * full_k * elt_size <= RESIDENT_WEIGHT_BYTES // 16):
+        k = None
+    else:
+        k = 2 * STREAM_K if batch_block == 16 else STREAM_K
+        hidden_block = min(hidden_block, 32 if batch_block == 16 else 16)
+    return ForwardConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, num_warps=8)
+
+
 def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
                       sms: int = H100_SMS) -> list[ForwardConfig]:
     """The autotuning space of one shape: the default, then its neighbours (half and double the

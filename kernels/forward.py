@@ -3,6 +3,7 @@ autotuner that picks its partition."""
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -97,6 +98,11 @@ def _gate_input(x_ptr, gate, H, mask, ACC: tl.constexpr):
     return tl.load(x_ptr + gate * H, mask=mask, other=0.0).to(ACC)
 
 
+@triton.jit
+def _save(ptr, slot, H, value, mask):
+    tl.store(ptr + slot * H, value.to(ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["T", "t0", "t1"])
 def rnn_fwd_kernel(
     xw_ptr,  # [T, B, D*G*H] (or [B, T, ...]): x @ W_ih^T + biases, b_hn left out for GRU
@@ -111,12 +117,13 @@ def rnn_fwd_kernel(
     hbuf_ptr,  # [2, D, B, H] accumulator dtype: ping-pong exchange of h between programs
     cbuf_ptr,  # [D, B, H] accumulator dtype: c carried between stepwise launches
     sync_ptr,  # [D * batch tiles] int32 barrier counters, zero at launch
+    act_ptr,  # [T, B, D, S, H] input dtype: what backward needs per step (SAVE only)
     T, B, H, t0, t1,  # this launch runs steps [t0, t1) of T
     stride_xt, stride_xb, stride_ot, stride_ob,
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, FUSED: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LEN: tl.constexpr, HAS_BHN: tl.constexpr,
-    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
     [p*HB, (p+1)*HB) of direction d, all gates, for batch rows [b*BB, (b+1)*BB).
@@ -124,6 +131,8 @@ def rnn_fwd_kernel(
     KB == BK: the program's rows of W_hh stay on-chip for every step and h_{t-1} is read whole.
     KB < BK: the reduction over H runs in chunks of KB, W_hh and h streamed from L2 each step
     (for slices too large to keep on-chip). FUSED: all gates in one dot (see _weights).
+    SAVE (training): per step, LSTM saves sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) and c_t;
+    GRU r, z, n and W_hn h_{t-1} + b_hn; an RNN saves nothing (its output is all backward needs).
     """
     ACC: tl.constexpr = hbuf_ptr.dtype.element_ty
     RESIDENT: tl.constexpr = KB == BK
@@ -185,14 +194,15 @@ def rnn_fwd_kernel(
 
         x_ptr = xw_ptr + t.to(tl.int64) * stride_xt + rows64[:, None] * stride_xb + d * G * H + units[None, :]
         if CELL == LSTM:
-            h_new, c_new = lstm_cell(a0 + _gate_input(x_ptr, 0, H, own_mask, ACC),
-                                     a1 + _gate_input(x_ptr, 1, H, own_mask, ACC),
-                                     a2 + _gate_input(x_ptr, 2, H, own_mask, ACC),
-                                     a3 + _gate_input(x_ptr, 3, H, own_mask, ACC), c)
+            h_new, c_new, si, sf, tg, so = lstm_cell(a0 + _gate_input(x_ptr, 0, H, own_mask, ACC),
+                                                     a1 + _gate_input(x_ptr, 1, H, own_mask, ACC),
+                                                     a2 + _gate_input(x_ptr, 2, H, own_mask, ACC),
+                                                     a3 + _gate_input(x_ptr, 3, H, own_mask, ACC), c)
         elif CELL == GRU:
-            h_new = gru_cell(a0 + _gate_input(x_ptr, 0, H, own_mask, ACC),
-                             a1 + _gate_input(x_ptr, 1, H, own_mask, ACC),
-                             _gate_input(x_ptr, 2, H, own_mask, ACC), a2 + b_hn[None, :], h_own)
+            n_h = a2 + b_hn[None, :]
+            h_new, r, z, n = gru_cell(a0 + _gate_input(x_ptr, 0, H, own_mask, ACC),
+                                      a1 + _gate_input(x_ptr, 1, H, own_mask, ACC),
+                                      _gate_input(x_ptr, 2, H, own_mask, ACC), n_h, h_own)
             c_new = c
         else:
             h_new = rnn_cell(a0 + _gate_input(x_ptr, 0, H, own_mask, ACC), CELL)
@@ -204,6 +214,19 @@ def rnn_fwd_kernel(
             h_new = tl.where(active, h_new, h_own)
             c_new = tl.where(active, c_new, c)
             y = tl.where(active, y, 0.0)
+        if SAVE:
+            a_ptr = act_ptr + ((t.to(tl.int64) * B + rows64[:, None]) * D + d) * (G + 1) * H + units[None, :]
+            if CELL == LSTM:
+                _save(a_ptr, 0, H, si, own_mask)
+                _save(a_ptr, 1, H, sf, own_mask)
+                _save(a_ptr, 2, H, tg, own_mask)
+                _save(a_ptr, 3, H, so, own_mask)
+                _save(a_ptr, 4, H, c_new, own_mask)  # the state: carried unchanged past a length
+            elif CELL == GRU:
+                _save(a_ptr, 0, H, r, own_mask)
+                _save(a_ptr, 1, H, z, own_mask)
+                _save(a_ptr, 2, H, n, own_mask)
+                _save(a_ptr, 3, H, n_h, own_mask)
         tl.store(out_ptr + t.to(tl.int64) * stride_ot + rows64[:, None] * stride_ob + d * H + units[None, :],
                  y.to(out_ptr.dtype.element_ty), mask=own_mask)
         nxt = hbuf_ptr + ((s + 1) % 2) * slot
@@ -260,8 +283,17 @@ def _co_resident(compiled, n_programs: int, device: torch.device) -> bool:
     return n_programs <= per_sm * props.multi_processor_count
 
 
+class ForwardResult(NamedTuple):
+    out: torch.Tensor  # [T, B, D*H] ([B, T, D*H] when batch_first)
+    h_n: torch.Tensor  # [D, B, H]
+    c_n: torch.Tensor | None  # [D, B, H], LSTM only
+    info: "LaunchInfo"
+    saved: torch.Tensor | None  # [T, B, D, G+1, H] in the input dtype (save=True, LSTM/GRU)
+
+
 def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias, b_hn, h0, c0,
-            lengths, batch_first: bool, config: ForwardConfig | None = None, out=None, hn=None, cn=None):
+            lengths, batch_first: bool, config: ForwardConfig | None = None, out=None, hn=None, cn=None,
+            save: bool = False) -> ForwardResult:
     """Run one layer, every direction in one launch (or one launch per step).
 
     x: [T, B, I] ([B, T, I] when batch_first); w_ih: [D*G*H, I] (directions stacked);
@@ -270,16 +302,19 @@ def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     config: the partition; None takes the tuned one (autotuning on first use of a shape on CUDA,
     unless RNN_AUTOTUNE=0) or the heuristic default.
     out, hn, cn: optional preallocated outputs (tests poison them).
-    Returns (out [T, B, D*H] or [B, T, D*H], h_n [D, B, H], c_n [D, B, H] or None, LaunchInfo).
+    save: also keep what the fused backward needs (training); inference keeps nothing.
     """
     layer = _Layer(cell, x, w_ih, w_hh, bias, b_hn, h0, c0, lengths, batch_first)
     out = layer.empty_out() if out is None else out
     hn = torch.empty(layer.D, layer.B, layer.H, dtype=x.dtype, device=x.device) if hn is None else hn
     if layer.cell == Cell.LSTM and cn is None:
         cn = torch.empty_like(hn)
+    saved = None
+    if save and layer.cell in (Cell.LSTM, Cell.GRU):
+        saved = torch.empty(layer.T, layer.B, layer.D, layer.cell.gates + 1, layer.H, dtype=x.dtype, device=x.device)
     cfg = config or _tuned_or_default(layer)
-    info = layer.launch(cfg, out, hn, cn)
-    return out, hn, (cn if layer.cell == Cell.LSTM else None), info
+    info = layer.launch(cfg, out, hn, cn, saved=saved)
+    return ForwardResult(out, hn, cn if layer.cell == Cell.LSTM else None, info, saved)
 
 
 class _Layer:
@@ -314,13 +349,15 @@ class _Layer:
         return default_forward_config(self.H, self.B, self.cell.gates, self.w_hh.element_size(), self.interpreting,
                                       self.D, _sm_count(self.device))
 
-    def launch(self, cfg: ForwardConfig, out, hn, cn, steps=None) -> LaunchInfo:
-        """Run the first ``steps`` timesteps (all by default) with partition ``cfg``."""
+    def launch(self, cfg: ForwardConfig, out, hn, cn, steps=None, saved=None) -> LaunchInfo:
+        """Run the first ``steps`` timesteps (all by default) with partition ``cfg``; fill
+        ``saved`` for backward when given."""
         T, B, H, D = (self.T if steps is None else steps), self.B, self.H, self.D
         xw = self.xw if steps is None else (self.xw[:, :steps] if self.batch_first else self.xw[:steps])
         meta = kernel_meta(self.cell, D, H, cfg, has_h0=self.h0 is not None, has_c0=self.c0 is not None,
                            has_len=self.lengths is not None, has_bhn=self.b_hn is not None,
-                           upcast=self.interpreting and self.dtype == torch.bfloat16, precision=self.precision)
+                           upcast=self.interpreting and self.dtype == torch.bfloat16, precision=self.precision,
+                           save=saved is not None)
         n_h = triton.cdiv(H, cfg.hidden_block)
         grid = (n_h, triton.cdiv(B, cfg.batch_block), D)
         if B == 0:
@@ -333,11 +370,13 @@ class _Layer:
         # Unused pointers get a valid tensor; their loads are compiled out by the HAS_* flags.
         dummy = hbuf
         args = tuple(t if t is not None else dummy for t in (xw, self.w_hh, self.b_hn, self.h0, self.c0, self.lengths,
-                                                           out, hn, cn if is_lstm else None, hbuf, cbuf, sync))
+                                                           out, hn, cn if is_lstm else None, hbuf, cbuf, sync,
+                                                           saved))
         args += (T, B, H)
         strides = (xw.stride(1), xw.stride(0)) if self.batch_first else (xw.stride(0), xw.stride(1))
         strides += (out.stride(1), out.stride(0)) if self.batch_first else (out.stride(0), out.stride(1))
-        persistent = _choose_persistent(cfg, grid, args, strides, meta, self.device, self.interpreting)
+        persistent = _choose_persistent(rnn_fwd_kernel, cfg, grid, args, strides, meta, self.device,
+                                        self.interpreting)
         if persistent:
             rnn_fwd_kernel[grid](*args, 0, T, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, **meta)
         else:
@@ -426,7 +465,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def kernel_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool, has_c0: bool, has_len: bool,
-                has_bhn: bool, upcast: bool, precision: str) -> dict:
+                has_bhn: bool, upcast: bool, precision: str, save: bool = False) -> dict:
     """The constexprs and launch options of rnn_fwd_kernel for one layer and config (all but
     SYNC, which depends on the launch mode)."""
     cell = Cell(cell)
@@ -436,12 +475,14 @@ def kernel_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool,
                          + ("" if fused else "; use at least 16, or fused_gates for LSTM/GRU"))
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
                 KB=min(cfg.k_block or k_block(H), k_block(H)), FUSED=fused, HAS_H0=has_h0, HAS_C0=has_c0,
-                HAS_LEN=has_len, HAS_BHN=has_bhn, UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps,
+                HAS_LEN=has_len, HAS_BHN=has_bhn, UPCAST=upcast, PRECISION=precision, SAVE=save,
+                num_warps=cfg.num_warps,
                 # No software pipelining: it could hoist the next step's h load above the barrier.
                 num_stages=1)
 
 
-def _choose_persistent(cfg, grid, args, strides, meta, device, interpreting) -> bool:
+def _choose_persistent(kernel, cfg, grid, args, strides, meta, device, interpreting) -> bool:
+    """Whether to run ``kernel`` (whose arguments end in t0, t1, strides) as one persistent launch."""
     single = grid[0] == 1  # one program per group needs no grid barrier
     if interpreting:
         # The interpreter runs programs one after another: a barrier between them would deadlock.
@@ -453,13 +494,13 @@ def _choose_persistent(cfg, grid, args, strides, meta, device, interpreting) -> 
         return False
     n_programs = grid[0] * grid[1] * grid[2]
     # Registers and shared memory depend on the constexprs and dtypes, not on T or B's value.
-    key = (device.index, grid, tuple(sorted(meta.items())), args[0].dtype, args[1].dtype)
+    key = (kernel, device.index, grid, tuple(sorted(meta.items())), args[0].dtype, args[1].dtype)
     fits = _residency_cache.get(key)
     if fits is None:
         fits = single
         if not single:
-            compiled = rnn_fwd_kernel.warmup(*args, 0, 1, *strides, SYNC=True, launch_cooperative_grid=True,
-                                             grid=grid, **meta)
+            compiled = kernel.warmup(*args, 0, 1, *strides, SYNC=True, launch_cooperative_grid=True,
+                                     grid=grid, **meta)
             fits = _co_resident(compiled, n_programs, device)
         _residency_cache[key] = fits
     if cfg.persistent and not fits:

@@ -10,6 +10,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from kernels import env
 from kernels.cells import Cell
+from kernels.backward import rnn_bwd
 from kernels.forward import SUPPORTED_DTYPES, LaunchInfo, rnn_fwd
 from rnn import reference
 
@@ -43,41 +44,43 @@ def _stack_weights(cell: Cell, weights):
 
 
 class FusedRNNLayer(torch.autograd.Function):
-    """One layer, both directions, forward through the fused kernel.
-
-    Backward recomputes the layer with the reference and differentiates that (the fused backward
-    is a later issue); gradients are exact either way.
-    """
+    """One layer, both directions, through the fused kernels: rnn_fwd forward (keeping the gate
+    activations when a gradient will be needed), rnn_bwd backward."""
 
     @staticmethod
-    def forward(ctx, cell, lengths, batch_first, record, x, h0, c0, *flat):
-        weights = _group(flat, True, False)
-        w_ih, w_hh, bias, b_hn = _stack_weights(cell, weights)
-        out, h_n, c_n, info = rnn_fwd(
-            cell, x, w_ih, w_hh.contiguous(), bias, b_hn,
-            h0.contiguous() if h0 is not None else None, c0.contiguous() if c0 is not None else None,
-            lengths.to(device=x.device, dtype=torch.int32) if lengths is not None else None, batch_first)
-        record.append(info)
-        ctx.cell, ctx.lengths, ctx.batch_first = cell, lengths, batch_first
-        ctx.save_for_backward(x, h0, c0, *flat)
-        return out, h_n, c_n
+    def forward(ctx, cell, lengths, batch_first, record, save, x, h0, c0, *flat):
+        w_ih, w_hh, bias, b_hn = _stack_weights(cell, _group(flat, True, False))
+        lengths_dev = lengths.to(device=x.device, dtype=torch.int32) if lengths is not None else None
+        h0 = h0.contiguous() if h0 is not None else None
+        c0 = c0.contiguous() if c0 is not None else None
+        result = rnn_fwd(cell, x, w_ih, w_hh.contiguous(), bias, b_hn, h0, c0, lengths_dev, batch_first, save=save)
+        record.append(result.info)
+        if save:
+            ctx.cell, ctx.lengths, ctx.batch_first = cell, lengths_dev, batch_first
+            ctx.has_bias = flat[2] is not None
+            ctx.save_for_backward(x, h0, c0, result.out, result.saved, *flat)
+            ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros made
+        return result.out, result.h_n, result.c_n
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hn, d_cn):
-        saved = list(ctx.saved_tensors)
-        needs = ctx.needs_input_grad[4:]
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(n) if t is not None else None for t, n in zip(saved, needs)]
-            x, h0, c0, *flat = inputs
-            outputs = reference.layer_forward(ctx.cell, x, h0, c0, ctx.lengths, _group(flat, True, False),
-                                              ctx.batch_first)
-        pairs = [(o, g) for o, g in zip(outputs, (d_out, d_hn, d_cn)) if o is not None and g is not None]
-        wanted = [t for t, n in zip(inputs, needs) if t is not None and n]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                         allow_unused=True) if wanted else ())
-        result = [next(grads) if t is not None and n else None for t, n in zip(inputs, needs)]
-        return (None, None, None, None, *result)
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' own backward has no derivative
+            raise RuntimeError("double backward (create_graph=True) through rnn's fused kernels is not "
+                               "supported; run with RNN_BACKEND=reference for higher-order gradients")
+        x, h0, c0, out, saved, *flat = ctx.saved_tensors
+        weights = _group(flat, True, False)
+        w_ih, w_hh, _, _ = _stack_weights(ctx.cell, weights)
+        needs = ctx.needs_input_grad
+        g = rnn_bwd(ctx.cell, x, w_ih, w_hh.contiguous(), h0, c0, ctx.lengths, out, saved, d_out, d_hn, d_cn,
+                    ctx.batch_first, need_dx=needs[5])
+        GH = w_hh.shape[1]
+        grads = []
+        for d in range(len(weights)):
+            rows = slice(d * GH, (d + 1) * GH)
+            grads += [g.dw_ih[rows], g.dw_hh[d]]
+            grads += [g.db_ih[rows], g.db_hh[rows]] if ctx.has_bias else [None, None]
+        return (None, None, None, None, None, g.dx, g.dh0 if h0 is not None else None,
+                g.dc0 if c0 is not None else None, *grads)
 
 
 def _group(flat, has_bias: bool, has_proj: bool):
@@ -146,7 +149,8 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
         if path.backend == "triton":
             # The fused layer takes four tensors per direction; absent biases are None.
             flat = [t for w in _group(flat, has_bias, False) for t in w[:4]]
-            x, h_n, c_n = FusedRNNLayer.apply(cell, lengths, batch_first, path.launches, x, *states, *flat)
+            save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *states, *flat))
+            x, h_n, c_n = FusedRNNLayer.apply(cell, lengths, batch_first, path.launches, save, x, *states, *flat)
         else:
             x, h_n, c_n = reference.layer_forward(cell, x, *states, lengths, _group(flat, has_bias, proj_size > 0),
                                                   batch_first)

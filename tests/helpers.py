@@ -4,6 +4,7 @@ import math
 import torch
 
 import rnn
+from kernels.backward import rnn_bwd
 from kernels.cells import Cell
 from kernels.forward import rnn_fwd
 from rnn.functional import _stack_weights
@@ -128,3 +129,57 @@ def assert_close(result, ref, tol):
             continue
         err = rel_err(ours, theirs)
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol}"
+
+
+def run_backward(cell, *, T=4, B=3, I=5, H=17, D=2, dtype=torch.float64, config=None, lengths=None,
+                 batch_first=False, h0=True, upstream=("out", "hn", "cn"), device="cpu"):
+    """Fused forward (save=True) and backward on random inputs and upstream gradients; returns
+    (ours: dict of gradients, reference: the same from torch autograd in float64, the backward result)."""
+    cell = Cell(cell)
+    weights = _weights(cell, I, H, D, True, device)
+    x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64, device=device)
+    h_0 = torch.randn(D, B, H, dtype=torch.float64, device=device) if h0 else None
+    c_0 = torch.randn(D, B, H, dtype=torch.float64, device=device) if h0 and cell == Cell.LSTM else None
+    leaves = {"x": x, "h0": h_0, "c0": c_0, "w_ih": [w[0] for w in weights], "w_hh": [w[1] for w in weights],
+              "b_ih": [w[2] for w in weights], "b_hh": [w[3] for w in weights]}
+    flat = [t for k in ("x", "h0", "c0") for t in [leaves[k]] if t is not None]
+    flat += [t for k in ("w_ih", "w_hh", "b_ih", "b_hh") for t in leaves[k]]
+    for t in flat:
+        t.requires_grad_(True)
+    out, hn, cn = layer_forward(cell, x, h_0, c_0, lengths, weights, batch_first)
+    g_out = torch.randn_like(out) if "out" in upstream else None
+    g_hn = torch.randn_like(hn) if "hn" in upstream else None
+    g_cn = torch.randn_like(cn) if cn is not None and "cn" in upstream else None
+    pairs = [(o, g) for o, g in ((out, g_out), (hn, g_hn), (cn, g_cn)) if g is not None]
+    all_grads = torch.autograd.grad([o for o, _ in pairs], flat, [g for _, g in pairs], allow_unused=True)
+    ref = dict(zip([k for k in ("x", "h0", "c0") if leaves[k] is not None], all_grads))
+    grads = all_grads[len(ref):]
+    ref["w_ih"] = torch.cat(grads[:D])
+    ref["w_hh"] = torch.stack(grads[D:2 * D])
+    ref["b_ih"] = torch.cat(grads[2 * D:3 * D])
+    ref["b_hh"] = torch.cat(grads[3 * D:])
+
+    cast = (lambda t: t.detach().to(dtype) if t is not None else None)
+    w_ih, w_hh, bias, b_hn = _stack_weights(cell, [tuple(cast(t) for t in w[:4]) for w in weights])
+    lens = lengths.to(device=device, dtype=torch.int32) if lengths is not None else None
+    fwd = rnn_fwd(cell, cast(x), w_ih, w_hh.contiguous(), bias, b_hn, cast(h_0), cast(c_0), lens, batch_first,
+                  config, save=True)
+    GR = 4 if cell == Cell.GRU else cell.gates
+    dg = torch.full((T, B, D, GR, H), math.nan, dtype=dtype, device=device)
+    dh0 = torch.full((D, B, H), math.nan, dtype=dtype, device=device)
+    dc0 = torch.full((D, B, H), math.nan, dtype=dtype, device=device)
+    res = rnn_bwd(cell, cast(x), w_ih, w_hh.contiguous(), cast(h_0), cast(c_0), lens, fwd.out, fwd.saved,
+                  cast(g_out), cast(g_hn), cast(g_cn), batch_first, config=config, dg=dg, dh0=dh0, dc0=dc0)
+    assert torch.isfinite(dg).all(), "a gate gradient was never written"
+    ours = {"x": res.dx, "w_ih": res.dw_ih, "w_hh": res.dw_hh, "b_ih": res.db_ih, "b_hh": res.db_hh}
+    if h0:
+        ours["h0"] = res.dh0
+        if cell == Cell.LSTM:
+            ours["c0"] = res.dc0
+    return ours, ref, res
+
+
+def assert_grads_close(ours, ref, tol):
+    errors = {k: rel_err(ours[k], ref[k]) for k in ref}
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"relative errors above {tol}: {bad}"

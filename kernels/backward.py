@@ -1,0 +1,339 @@
+"""Persistent backward (BPTT) kernel of one recurrent layer (both directions), its launcher, and
+the weight-gradient GEMMs after the loop."""
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import env
+from kernels.barrier import grid_sync
+from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
+from kernels.configs import ForwardConfig, default_backward_config
+from kernels.forward import LaunchInfo, _choose_persistent, _sm_count
+
+
+@triton.jit
+def _load_start(init_ptr, buf_ptr, offs, mask, t0, HAS_INIT: tl.constexpr, ACC: tl.constexpr):
+    """A carried gradient at the start of a launch: the caller's (or zero) on the first step,
+    else what the previous launch left in the buffer."""
+    value = tl.load(buf_ptr + offs, mask=mask & (t0 != 0), other=0.0).to(ACC)
+    if HAS_INIT:
+        value += tl.load(init_ptr + offs, mask=mask & (t0 == 0), other=0.0).to(ACC)
+    return value
+
+
+@triton.jit
+def _recurrent_grad(src, w, w_dir, units, unit_ok, g_rows, row_ok, KG, H, BB: tl.constexpr, HB: tl.constexpr,
+                    BK: tl.constexpr, KB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    ACC: tl.constexpr):
+    """dgates_{t+1} [BB, G*H] (every program's, from ``src``) times this program's columns of
+    W_hh [G*H, HB]: the gradient reaching h_t through the recurrence."""
+    ks = tl.arange(0, KB)
+    if KB == BK:
+        g = tl.load(src + g_rows + ks[None, :], mask=row_ok[:, None] & (ks < KG)[None, :], other=0.0,
+                    cache_modifier=".cg")
+        return tl.dot(g.to(w.dtype), w, input_precision=PRECISION, out_dtype=ACC)
+    else:
+        acc = tl.zeros([BB, HB], ACC)
+        for k0 in range(0, KG, KB):
+            kk = k0 + ks
+            wc = tl.load(w_dir + kk[:, None] * H + units[None, :], mask=(kk < KG)[:, None] & unit_ok[None, :],
+                         other=0.0)
+            if UPCAST:
+                wc = wc.to(tl.float32)
+            g = tl.load(src + g_rows + kk[None, :], mask=row_ok[:, None] & (kk < KG)[None, :], other=0.0,
+                        cache_modifier=".cg")
+            acc += tl.dot(g.to(wc.dtype), wc, input_precision=PRECISION, out_dtype=ACC)
+        return acc
+
+
+@triton.jit
+def _saved(sv_ptr, slot, H, mask, ACC: tl.constexpr):
+    return tl.load(sv_ptr + slot * H, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _put(dg_ptr, xb_ptr, dg_slot, xb_slot, H, value, active, mask, SHARE: tl.constexpr):
+    """One gate's gradient (zero where a sequence has ended) into the sequence of gate gradients
+    (input dtype) and, when SHARE, into this step's exchange row for the recurrent product."""
+    value = tl.where(active, value, 0.0)
+    tl.store(dg_ptr + dg_slot * H, value.to(dg_ptr.dtype.element_ty), mask=mask)
+    if SHARE:
+        tl.store(xb_ptr + xb_slot * H, value, mask=mask)
+
+
+@triton.jit(do_not_specialize=["T", "t0", "t1", "finish"])
+def rnn_bwd_kernel(
+    saved_ptr,  # [T, B, D, G+1, H]: LSTM i f g o (activated) c; GRU r z n n_h (forward's SAVE)
+    out_ptr,  # [T, B, D*H] (or [B, T, D*H]): the forward's outputs
+    h0_ptr, c0_ptr,  # [D, B, H]
+    len_ptr,  # [B] int32
+    w_hh_ptr,  # [D, G*H, H]
+    dout_ptr,  # [T, B, D*H] (or [B, T, D*H]): gradient of the outputs
+    dhn_ptr, dcn_ptr,  # [D, B, H]: gradients of h_n, c_n
+    dg_ptr,  # out [T, B, D, GR, H]: gate pre-activation gradients (GR: G, and 4 for GRU: r z n n_h)
+    dh0_ptr, dc0_ptr,  # out [D, B, H]
+    xbuf_ptr,  # [2, D, B, G*H] accumulator dtype, zeroed: recurrent gate gradients exchanged
+    dhbuf_ptr, dcbuf_ptr,  # [D, B, H] accumulator dtype: carried gradients between stepwise launches
+    sync_ptr,  # [D * batch tiles] int32, zeroed
+    T, B, H, t0, t1,  # this launch runs backward steps [t0, t1) of T (step s is time T-1-s forward)
+    finish,  # 1: then (every step's gates published) the gradients of h0 and c0
+    stride_ot, stride_ob, stride_dt, stride_db,
+    CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LEN: tl.constexpr,
+    HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr, HAS_DCN: tl.constexpr,
+    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
+    [p*HB, (p+1)*HB) of direction d and holds their columns of W_hh ([G*H, HB], or streams them in
+    K chunks when KB < BK). Each step it adds the recurrent gradient dgates_{t+1} W_hh[:, units],
+    computes its units' gate gradients, and publishes them for the next step behind the barrier.
+    """
+    ACC: tl.constexpr = xbuf_ptr.dtype.element_ty
+    GR: tl.constexpr = 4 if CELL == GRU else G
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    d = tl.program_id(2)
+    n_prog = tl.num_programs(0)
+    KG = G * H
+
+    units = pid_h * HB + tl.arange(0, HB)
+    rows = pid_b * BB + tl.arange(0, BB)
+    unit_ok = units < H
+    row_ok = rows < B
+    own_mask = row_ok[:, None] & unit_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    w_dir = w_hh_ptr + d * KG * H
+    state = d * B * H + rows[:, None] * H + units[None, :]
+    g_rows = (d * B + rows[:, None]) * KG  # this tile's rows of an exchange slot
+    slot = D * B * KG
+
+    if KB == BK:
+        # This program's columns of W_hh, every gate's rows: on-chip for all steps.
+        ks = tl.arange(0, KB)
+        w = tl.load(w_dir + ks[:, None] * H + units[None, :], mask=(ks < KG)[:, None] & unit_ok[None, :], other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+    else:
+        w = tl.zeros([1, 1], tl.float32)  # streamed in chunks instead
+    if HAS_LEN:
+        lengths = tl.load(len_ptr + rows, mask=row_ok, other=0)
+        last = lengths - 1
+    else:
+        last = tl.zeros([BB], tl.int32) + (T - 1)
+
+    dh_carry = _load_start(dhn_ptr, dhbuf_ptr, state, own_mask, t0, HAS_DHN, ACC)
+    dc = tl.zeros([BB, HB], ACC)
+    if CELL == LSTM:
+        dc = _load_start(dcn_ptr, dcbuf_ptr, state, own_mask, t0, HAS_DCN, ACC)
+
+    for s in range(t0, t1):
+        t = T - 1 - s + d * (2 * s - T + 1)  # forward time of this step: the reverse direction's is s
+        t64 = t.to(tl.int64)
+        # The exchange slot of step s-1 (zeros before the first step).
+        dh = dh_carry + _recurrent_grad(xbuf_ptr + ((s + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows, row_ok,
+                                        KG, H, BB, HB, BK, KB, UPCAST, PRECISION, ACC)
+        active = row_ok
+        if HAS_LEN:
+            active = t < lengths
+        act2 = active[:, None] & unit_ok[None, :]
+        if HAS_DOUT:
+            dh += tl.load(dout_ptr + t64 * stride_dt + rows64[:, None] * stride_db + d * H + units[None, :],
+                          mask=act2, other=0.0).to(ACC)
+        # The forward's step before this one, and whether this was the sequence's first step.
+        t_prev = t - 1 + 2 * d
+        first = ((d == 0) & (t == 0)) | ((d == 1) & (t == last))
+        prev_mask = act2 & ~first[:, None]
+        dg = dg_ptr + ((t64 * B + rows64[:, None]) * D + d) * GR * H + units[None, :]
+        xb = xbuf_ptr + (s % 2) * slot + g_rows + units[None, :]
+        if CELL == LSTM:
+            sv = saved_ptr + ((t64 * B + rows64[:, None]) * D + d) * (G + 1) * H + units[None, :]
+            sv_prev = saved_ptr + ((t_prev.to(tl.int64) * B + rows64[:, None]) * D + d) * (G + 1) * H + units[None, :]
+            c_prev = _saved(sv_prev, 4, H, prev_mask, ACC)
+            if HAS_C0:
+                c_prev += tl.load(c0_ptr + state, mask=act2 & first[:, None], other=0.0).to(ACC)
+            d_i, d_f, d_g, d_o, dc_prev = lstm_cell_bwd(
+                dh, dc, _saved(sv, 0, H, act2, ACC), _saved(sv, 1, H, act2, ACC), _saved(sv, 2, H, act2, ACC),
+                _saved(sv, 3, H, act2, ACC), _saved(sv, 4, H, act2, ACC), c_prev)
+            # Past its length a sequence only carries its state: gradients pass through unchanged.
+            dc = tl.where(act2, dc_prev, dc)
+            dh_carry = tl.where(act2, 0.0, dh)
+            _put(dg, xb, 0, 0, H, d_i, act2, own_mask, True)
+            _put(dg, xb, 1, 1, H, d_f, act2, own_mask, True)
+            _put(dg, xb, 2, 2, H, d_g, act2, own_mask, True)
+            _put(dg, xb, 3, 3, H, d_o, act2, own_mask, True)
+        elif CELL == GRU:
+            sv = saved_ptr + ((t64 * B + rows64[:, None]) * D + d) * (G + 1) * H + units[None, :]
+            h_prev = tl.load(out_ptr + t_prev.to(tl.int64) * stride_ot + rows64[:, None] * stride_ob + d * H
+                             + units[None, :], mask=prev_mask, other=0.0).to(ACC)
+            if HAS_H0:
+                h_prev += tl.load(h0_ptr + state, mask=act2 & first[:, None], other=0.0).to(ACC)
+            d_r, d_z, d_n, d_nh, dh_direct = gru_cell_bwd(
+                dh, _saved(sv, 0, H, act2, ACC), _saved(sv, 1, H, act2, ACC), _saved(sv, 2, H, act2, ACC),
+                _saved(sv, 3, H, act2, ACC), h_prev)
+            dh_carry = tl.where(act2, dh_direct, dh)
+            _put(dg, xb, 0, 0, H, d_r, act2, own_mask, True)
+            _put(dg, xb, 1, 1, H, d_z, act2, own_mask, True)
+            _put(dg, xb, 2, 0, H, d_n, act2, own_mask, False)  # the input projection's n
+            _put(dg, xb, 3, 2, H, d_nh, act2, own_mask, True)  # the recurrence's n: d_n * r
+        else:
+            h = tl.load(out_ptr + t64 * stride_ot + rows64[:, None] * stride_ob + d * H + units[None, :],
+                        mask=act2, other=0.0).to(ACC)
+            dh_carry = tl.where(act2, 0.0, dh)
+            _put(dg, xb, 0, 0, H, rnn_cell_bwd(dh, h, CELL), act2, own_mask, True)
+        if SYNC:
+            grid_sync(sync_ptr + d * tl.num_programs(1) + pid_b, n_prog * (s - t0 + 1))
+        else:
+            tl.debug_barrier()
+
+    if finish != 0:
+        # The first step's gates reach h0 through W_hh as well.
+        dh0 = dh_carry + _recurrent_grad(xbuf_ptr + ((T + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows, row_ok,
+                                         KG, H, BB, HB, BK, KB, UPCAST, PRECISION, ACC)
+        tl.store(dh0_ptr + state, dh0.to(dh0_ptr.dtype.element_ty), mask=own_mask)
+        if CELL == LSTM:
+            tl.store(dc0_ptr + state, dc.to(dc0_ptr.dtype.element_ty), mask=own_mask)
+    else:
+        tl.store(dhbuf_ptr + state, dh_carry, mask=own_mask)
+        if CELL == LSTM:
+            tl.store(dcbuf_ptr + state, dc, mask=own_mask)
+
+
+class BackwardResult(NamedTuple):
+    dx: torch.Tensor | None  # like x
+    dh0: torch.Tensor  # [D, B, H]
+    dc0: torch.Tensor | None  # [D, B, H], LSTM only
+    dw_ih: torch.Tensor  # [D*G*H, I], directions stacked as w_ih
+    dw_hh: torch.Tensor  # [D, G*H, H]
+    db_ih: torch.Tensor  # [D*G*H]
+    db_hh: torch.Tensor  # [D*G*H]
+    info: LaunchInfo
+
+
+def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, lengths, out, saved, d_out, d_hn, d_cn, batch_first: bool,
+            need_dx: bool = True, config: ForwardConfig | None = None, dg=None, dh0=None, dc0=None) -> BackwardResult:
+    """Gradients of one layer (every direction) from the forward's inputs, outputs and saved
+    activations (rnn_fwd(save=True)) and the gradients of out, h_n and c_n (any may be None).
+
+    The reverse-time loop runs in rnn_bwd_kernel (persistent where co-resident, else a launch per
+    step); dx and every weight gradient then come from GEMMs over all timesteps at once. Biases:
+    db_ih is the gradient of b_ih; db_hh of b_hh (for GRU its n part is the gradient of b_hn).
+    dg, dh0, dc0: optional preallocated outputs ([T, B, D, G', H] gate gradients, [D, B, H]); tests
+    poison them.
+    """
+    cell = Cell(cell)
+    D, GH, H = w_hh.shape
+    G = cell.gates
+    GR = 4 if cell == Cell.GRU else G
+    T, B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    interpreting = env.interpreting()
+    if x.device.type != "cuda" and not interpreting:
+        raise RuntimeError("rnn_bwd: Triton kernels need a CUDA tensor or TRITON_INTERPRET=1")
+    if cell in (Cell.LSTM, Cell.GRU) and saved is None:
+        raise ValueError("rnn_bwd: LSTM and GRU need the activations saved by rnn_fwd(save=True)")
+    cfg = config or default_backward_config(H, B, G, w_hh.element_size(), interpreting, D, _sm_count(x.device))
+    device, dtype = x.device, x.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dg = torch.empty(T, B, D, GR, H, dtype=dtype, device=device) if dg is None else dg
+    dh0 = torch.empty(D, B, H, dtype=dtype, device=device) if dh0 is None else dh0
+    if cell == Cell.LSTM and dc0 is None:
+        dc0 = torch.empty(D, B, H, dtype=dtype, device=device)
+    dc0 = dc0 if cell == Cell.LSTM else None
+    n_h = triton.cdiv(H, cfg.hidden_block)
+    grid = (n_h, triton.cdiv(B, cfg.batch_block), D)
+    if B > 0:
+        xbuf = torch.zeros(2, D, B, G * H, dtype=acc, device=device)
+        dhbuf = torch.empty(D, B, H, dtype=acc, device=device)
+        dcbuf = torch.empty_like(dhbuf) if cell == Cell.LSTM else dhbuf
+        sync = torch.zeros(grid[1] * D, dtype=torch.int32, device=device)
+        if d_out is not None and d_out.stride(-1) != 1:
+            d_out = d_out.contiguous()  # e.g. the expanded gradient of a sum
+        dummy = xbuf
+        args = tuple(t if t is not None else dummy for t in (
+            saved, out, h0, c0, lengths, w_hh, d_out, d_hn, d_cn, dg, dh0, dc0, xbuf, dhbuf, dcbuf, sync))
+        args += (T, B, H)
+        strides = (out.stride(1), out.stride(0)) if batch_first else (out.stride(0), out.stride(1))
+        if d_out is None:
+            strides += (0, 0)
+        else:
+            strides += (d_out.stride(1), d_out.stride(0)) if batch_first else (d_out.stride(0), d_out.stride(1))
+        meta = backward_meta(cell, D, H, cfg, has_h0=h0 is not None, has_c0=c0 is not None,
+                             has_len=lengths is not None, has_dout=d_out is not None, has_dhn=d_hn is not None,
+                             has_dcn=d_cn is not None, upcast=interpreting and dtype == torch.bfloat16,
+                             precision="tf32" if (dtype == torch.float32 and x.is_cuda
+                                                  and torch.backends.cuda.matmul.allow_tf32) else "ieee")
+        persistent = _choose_persistent(rnn_bwd_kernel, cfg, grid, args, (1, *strides), meta, device, interpreting)
+        if persistent:
+            rnn_bwd_kernel[grid](*args, 0, T, 1, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, **meta)
+        else:
+            # One launch per step; a last one, after every program published the first step's
+            # gates, for the gradients of h0 and c0.
+            for s in range(T):
+                rnn_bwd_kernel[grid](*args, s, s + 1, 0, *strides, SYNC=False, **meta)
+            rnn_bwd_kernel[grid](*args, T, T, 1, *strides, SYNC=False, **meta)
+    else:
+        persistent = False
+        dg.zero_()
+        dh0.zero_()
+        if dc0 is not None:
+            dc0.zero_()
+    info = LaunchInfo("rnn_bwd_kernel", cfg, grid, persistent)
+
+    # Everything else is one GEMM (or one reduction) over all timesteps.
+    gates_in = dg[:, :, :, :G].reshape(T * B, D * G * H)  # GRU: r, z and n of the input projection
+    gates_rec = dg[:, :, :, [0, 1, 3]] if cell == Cell.GRU else dg  # GRU: n of the recurrence is d_n * r
+    x_tm = x.transpose(0, 1) if batch_first else x
+    dw_ih = gates_in.t() @ x_tm.reshape(T * B, -1)
+    db_ih = gates_in.sum(0)
+    dx = None
+    if need_dx:
+        dx = (gates_in @ w_ih).view(T, B, -1)
+        dx = dx.transpose(0, 1) if batch_first else dx
+    h_prev = _previous_states(out, h0, lengths, batch_first, D, H)  # [D, T*B, H]
+    rec = gates_rec.reshape(T * B, D, G * H).transpose(0, 1)  # [D, T*B, G*H]
+    dw_hh = torch.bmm(rec.transpose(1, 2), h_prev)
+    db_hh = gates_rec.reshape(T * B, D * G * H).sum(0)
+    return BackwardResult(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, info)
+
+
+def backward_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool, has_c0: bool, has_len: bool,
+                  has_dout: bool, has_dhn: bool, has_dcn: bool, upcast: bool, precision: str) -> dict:
+    """The constexprs and launch options of rnn_bwd_kernel (all but SYNC)."""
+    cell = Cell(cell)
+    if cfg.hidden_block < 16:
+        raise ValueError(f"rnn_bwd: hidden_block must be at least 16 (one dot tile), got {cfg.hidden_block}")
+    full_k = max(16, triton.next_power_of_2(cell.gates * H))
+    return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=full_k,
+                KB=min(cfg.k_block or full_k, full_k), HAS_H0=has_h0, HAS_C0=has_c0, HAS_LEN=has_len,
+                HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn, UPCAST=upcast, PRECISION=precision,
+                num_warps=cfg.num_warps, maxnreg=max_registers(cfg.num_warps),
+                # No software pipelining: it could hoist the next step's loads above the barrier.
+                num_stages=1)
+
+
+def max_registers(num_warps: int) -> int:
+    """The register budget given to ptxas for the backward kernel: all a thread may have with one
+    program per SM (what persistent grids assume). Left to itself ptxas often caps this kernel at
+    128 registers and spills (sm_90 compiles); the forward kernel does better without a budget."""
+    return min(255, 65536 // (32 * num_warps))
+
+
+def _previous_states(out, h0, lengths, batch_first, D, H):
+    """h_{t-1} of every step, per direction, [D, T*B, H]: the forward's output one step back in
+    each direction's own order, h0 at a sequence's first step (for the reverse direction with
+    lengths, that is its own last valid time)."""
+    o = out.transpose(0, 1) if batch_first else out
+    T, B = o.shape[:2]
+    o = o.reshape(T, B, D, H)
+    prev = torch.empty(D, T, B, H, dtype=out.dtype, device=out.device)
+    start = h0 if h0 is not None else torch.zeros(D, B, H, dtype=out.dtype, device=out.device)
+    prev[0, 0] = start[0]
+    prev[0, 1:] = o[:-1, :, 0]
+    if D == 2:
+        prev[1, T - 1] = start[1]
+        prev[1, :-1] = o[1:, :, 1]
+        if lengths is not None:
+            prev[1, lengths.long() - 1, torch.arange(B, device=out.device)] = start[1]
+    return prev.view(D, T * B, H)

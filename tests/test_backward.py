@@ -1,0 +1,121 @@
+"""The fused backward against torch autograd through the float64 reference: gate gradients,
+dx, dh0, dc0 and every weight gradient, partition by partition; gradcheck; what training saves."""
+import pytest
+import torch
+
+import rnn
+from helpers import TOL, assert_grads_close, run_backward
+from kernels.cells import Cell
+from kernels.configs import ForwardConfig
+from rnn import functional
+
+pytestmark = pytest.mark.interpreter
+CELL_IDS = [c.name for c in Cell]
+
+
+PARTITIONS = {
+    "single-persistent": (dict(H=17), None, True),
+    "multi-stepwise": (dict(H=40), ForwardConfig(hidden_block=16, batch_block=16, persistent=False), False),
+    "batch-tiles": (dict(H=20, B=19), ForwardConfig(hidden_block=32, batch_block=16), True),
+    "chunked-multi": (dict(H=40, B=18), ForwardConfig(hidden_block=16, batch_block=16, k_block=32, persistent=False),
+                      False),
+    "chunked-single": (dict(H=24), ForwardConfig(hidden_block=32, batch_block=16, k_block=16), True),
+}
+
+
+@pytest.mark.parametrize("partition", PARTITIONS, ids=list(PARTITIONS))
+@pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
+def test_partitions(cell, partition, kernel_device):
+    torch.manual_seed(1)
+    sizes, config, persistent = PARTITIONS[partition]
+    ours, ref, res = run_backward(cell, config=config, device=kernel_device, **sizes)
+    assert_grads_close(ours, ref, TOL[torch.float64])
+    assert res.info.persistent == persistent
+
+
+@pytest.mark.parametrize("config", [None, ForwardConfig(16, 16, persistent=False)], ids=["single", "multi"])
+@pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
+def test_lengths_layouts_and_missing_gradients(cell, config, kernel_device):
+    """Lengths 1 and T included, batch_first, no h0/c0, gradient only on the output."""
+    torch.manual_seed(2)
+    ours, ref, _ = run_backward(cell, T=5, B=4, H=18, lengths=torch.tensor([2, 5, 1, 4]), batch_first=True,
+                                config=config, device=kernel_device)
+    assert_grads_close(ours, ref, TOL[torch.float64])
+    ours, ref, _ = run_backward(cell, T=3, H=18, h0=False, upstream=("out",), config=config, device=kernel_device)
+    assert_grads_close(ours, ref, TOL[torch.float64])
+    ours, ref, _ = run_backward(cell, T=3, H=18, upstream=("hn", "cn"), D=1, config=config, device=kernel_device)
+    assert_grads_close(ours, ref, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dtypes(cell, dtype, kernel_device):
+    torch.manual_seed(3)
+    ours, ref, _ = run_backward(cell, H=24, T=5, dtype=dtype, device=kernel_device)
+    # Low precision saves activations and gate gradients in its own dtype: looser bounds.
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}[dtype]
+    assert_grads_close(ours, ref, tol)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+def test_gradcheck_through_the_kernels(mode, monkeypatch):
+    monkeypatch.setenv("RNN_BACKEND", "triton")
+    cell = Cell[mode]
+    torch.manual_seed(4)
+    D, L, H, I = 2, 2, 5, 3
+    module = {"LSTM": rnn.LSTM, "GRU": rnn.GRU}.get(mode, rnn.RNN)(
+        I, H, num_layers=L, bidirectional=True, dtype=torch.float64,
+        **({"nonlinearity": mode[4:].lower()} if mode.startswith("RNN") else {}))
+    params = [p.detach().clone().requires_grad_() for p in module._flat_weights]
+    x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(L * D, 2, H, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(L * D, 2, H, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, h0, c0, *params):
+        hx = (h0, c0) if cell == Cell.LSTM else h0
+        out, h_n, c_n, path = functional.rnn(cell, x, hx, list(params), num_layers=L, bidirectional=True,
+                                             batch_first=False, dropout=0.0, training=False, has_bias=True)
+        assert path.backend == "triton"
+        return (out, h_n) + ((c_n,) if c_n is not None else ())
+
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *params), fast_mode=True)
+
+
+def test_inference_saves_nothing_and_training_saves_gates(monkeypatch):
+    monkeypatch.setenv("RNN_BACKEND", "triton")
+    calls = []
+    real = functional.rnn_fwd
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(result.saved)
+        return result
+
+    monkeypatch.setattr(functional, "rnn_fwd", spy)
+    model = rnn.LSTM(4, 6, num_layers=2)
+    x = torch.randn(5, 3, 4)
+    with torch.no_grad():
+        out, _ = model(x)
+    assert calls == [None, None] and out.grad_fn is None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model(x)
+    assert calls[2:] == [None, None], "nothing requires a gradient: nothing may be saved"
+    for p in model.parameters():
+        p.requires_grad_(True)
+    out, _ = model(x)
+    assert [tuple(s.shape) for s in calls[4:]] == [(5, 3, 1, 5, 6)] * 2  # [T, B, D, G+1, H]
+    # the last layer's autograd node holds its saved activations
+    assert any(t is not None and t.data_ptr() == calls[5].data_ptr() for t in out.grad_fn.saved_tensors)
+
+
+def test_double_backward_is_refused(monkeypatch):
+    monkeypatch.setenv("RNN_BACKEND", "triton")
+    model = rnn.GRU(3, 4).double()
+    x = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
+    monkeypatch.setenv("RNN_BACKEND", "reference")  # the way out the message names works
+    (g,) = torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
+    g.sum().backward()
