@@ -1,4 +1,4 @@
-"""Compile forward-kernel variants for an H100 (sm_90) without a GPU, and report resources.
+"""Compile kernel variants for an H100 (sm_90) without a GPU, and report resources.
 
 Catches what only the compiler sees (loop-carried type changes, non-constexpr globals, shared
 memory overflow, register spills) on a CPU machine. For each variant prints registers, spilled
@@ -7,8 +7,9 @@ shared memory than an H100 has, or, for a heuristic default, spills.
 
     python -m scripts.compile_check [--quick] [--space] [--jobs N]
 
---quick: the defaults of a few sizes (CI); default: the defaults of every size in
-kernels.configs.TUNED_SIZES; --space: also every candidate of the autotuning space there.
+--quick: the defaults (forward, forward saving for training, backward) of a few sizes (CI);
+default: the defaults of every size in kernels.configs.TUNED_SIZES; --space: also every forward
+candidate of the autotuning space there.
 Must run without TRITON_INTERPRET (it compiles real GPU code).
 """
 import argparse
@@ -25,53 +26,78 @@ H100_SHARED_BYTES = 232448  # opt-in shared memory per block on an H100
 ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 
 
-def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, flags: dict | None = None) -> dict:
-    """Compile rnn_fwd_kernel for sm_90 with every optional input present (the most code) unless
-    ``flags`` says otherwise; returns {regs, spills (bytes), shared (bytes)}."""
+def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, flags: dict | None = None,
+                 kernel: str = "fwd") -> dict:
+    """Compile rnn_fwd_kernel (kernel="fwd"; flags may add save=True) or rnn_bwd_kernel ("bwd")
+    for sm_90 with every optional input present (the most code) unless ``flags`` says otherwise;
+    returns {regs, spills (bytes), shared (bytes)}."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
+    from kernels.backward import backward_meta, rnn_bwd_kernel
     from kernels.cells import Cell
     from kernels.forward import kernel_meta, rnn_fwd_kernel
 
     cell = Cell(cell)
-    options = dict(has_h0=True, has_c0=cell == Cell.LSTM, has_len=True, has_bhn=cell == Cell.GRU)
-    options.update(flags or {})
-    meta = kernel_meta(cell, D, H, cfg, upcast=False, precision="tf32" if dtype == "fp32" else "ieee", **options)
-    launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"), launch_cooperative_grid=sync)
+    precision = "tf32" if dtype == "fp32" else "ieee"
+    if kernel == "fwd":
+        fn = rnn_fwd_kernel
+        options = dict(has_h0=True, has_c0=cell == Cell.LSTM, has_len=True, has_bhn=cell == Cell.GRU)
+        options.update(flags or {})
+        meta = kernel_meta(cell, D, H, cfg, upcast=False, precision=precision, **options)
+        acc_args = ("hbuf_ptr", "cbuf_ptr")
+    else:
+        fn = rnn_bwd_kernel
+        options = dict(has_h0=True, has_c0=cell == Cell.LSTM, has_len=True, has_dout=True, has_dhn=True,
+                       has_dcn=cell == Cell.LSTM)
+        options.update(flags or {})
+        meta = backward_meta(cell, D, H, cfg, upcast=False, precision=precision, **options)
+        acc_args = ("xbuf_ptr", "dhbuf_ptr", "dcbuf_ptr")
+    launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"),
+                  maxnreg=meta.pop("maxnreg", None), launch_cooperative_grid=sync)
     meta["SYNC"] = sync
-    acc = "fp64" if dtype == "fp64" else "fp32"
     signature = {}
-    for arg in rnn_fwd_kernel.arg_names:
+    for arg in fn.arg_names:
         if arg in meta:
             signature[arg] = "constexpr"
         elif arg in ("len_ptr", "sync_ptr"):
             signature[arg] = "*i32"
-        elif arg in ("hbuf_ptr", "cbuf_ptr"):
-            signature[arg] = f"*{acc}"
+        elif arg in acc_args:
+            signature[arg] = "*fp64" if dtype == "fp64" else "*fp32"
         elif arg.endswith("_ptr"):
             signature[arg] = f"*{dtype}"
         else:
             signature[arg] = "i32"
-    compiled = triton.compile(ASTSource(rnn_fwd_kernel, signature, constexprs=meta), target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=meta), target=GPUTarget("cuda", 90, 32),
                               options=launch)
+    return dict(shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"]))
+
+
+def _ptxas_report(ptx_text: str) -> dict:
+    """Registers and spilled bytes, from ptxas -v on the PTX (no GPU needed)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
+            f.write(ptx_text)
         log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", ptx, "-o", ptx + ".o"],
                              capture_output=True, text=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    return dict(regs=regs, spills=spills, shared=compiled.metadata.shared)
+    return dict(regs=regs, spills=spills)
 
 
 def variants(quick: bool, space: bool):
-    """(name, cell, dtype, H, config, sync, is_default, flags) of each variant worth compiling."""
+    """(name, kernel, cell, dtype, H, config, sync, is_default, flags) of each variant worth compiling.
+
+    Per size: the forward default for inference (with and without the grid barrier) and with
+    SAVE (training), the backward default (both modes), and with --space every forward candidate.
+    """
     from kernels.cells import Cell
-    from kernels.configs import TUNED_SIZES, candidate_configs, default_forward_config, describe, k_block
+    from kernels.configs import (TUNED_SIZES, candidate_configs, default_backward_config, default_forward_config,
+                                 describe, k_block)
 
     sizes = [(64, 8), (256, 16), (1024, 64)] if quick else TUNED_SIZES
     seen = set()
@@ -79,31 +105,37 @@ def variants(quick: bool, space: bool):
         # fp64 is for exact checks, not speed: it must compile, at small sizes.
         if dtype == "fp64" and H > 64:
             continue
-        default = default_forward_config(H, B, cell.gates, ELEMENT_SIZE[dtype], False, D)
-        configs = [(default, True)]
+        elt = ELEMENT_SIZE[dtype]
+        default = default_forward_config(H, B, cell.gates, elt, False, D)
+        jobs = [("fwd", default, True, sync, None) for sync in (False, True)]
+        jobs.append(("fwd", default, True, True, {"save": True}))
+        jobs += [("bwd", default_backward_config(H, B, cell.gates, elt, False, D), True, sync, None)
+                 for sync in (False, True)]
         if space:
-            configs += [(cfg, False) for cfg in candidate_configs(H, B, cell.gates, ELEMENT_SIZE[dtype], D)]
-        for cfg, is_default in configs:
-            for sync in (False, True) if is_default else (True,):
-                # The code depends on H only through its power-of-two padding.
-                key = (cell, dtype, k_block(H), cfg, sync)
-                if key in seen:
-                    continue
-                seen.add(key)
-                kind = "default" if is_default else "candidate"
-                yield (f"{cell.name}-{dtype}-H{H}-{kind}-{describe(cfg)}-{'sync' if sync else 'nosync'}", cell,
-                       dtype, H, cfg, sync, is_default, None)
+            jobs += [("fwd", cfg, False, True, None) for cfg in candidate_configs(H, B, cell.gates, elt, D)]
+        for kernel, cfg, is_default, sync, flags in jobs:
+            # The code depends on H only through its power-of-two padding.
+            key = (kernel, cell, dtype, k_block(H), cfg, sync, bool(flags))
+            if key in seen or (not is_default and (kernel, cell, dtype, k_block(H), cfg, sync, False) in seen):
+                continue
+            seen.add(key)
+            kind = ("default" if is_default else "candidate") + ("-save" if flags else "")
+            yield (f"{kernel}-{cell.name}-{dtype}-H{H}-{kind}-{describe(cfg)}-{'sync' if sync else 'nosync'}",
+                   kernel, cell, dtype, H, cfg, sync, is_default, flags)
     # Each optional input off once: the code without it must compile too.
+    from kernels.configs import ForwardConfig
     for flag in ("has_h0", "has_len"):
-        from kernels.configs import ForwardConfig
-        yield f"LSTM-bf16-no-{flag}", Cell.LSTM, "bf16", 64, ForwardConfig(16, 16, k_block=32), True, False, \
-            {flag: False}
+        yield f"fwd-LSTM-bf16-no-{flag}", "fwd", Cell.LSTM, "bf16", 64, ForwardConfig(16, 16, k_block=32), True, \
+            False, {flag: False}
+    for flag in ("has_dout", "has_dhn", "has_len"):
+        yield f"bwd-GRU-bf16-no-{flag}", "bwd", Cell.GRU, "bf16", 64, ForwardConfig(16, 16, k_block=32), True, \
+            False, {flag: False}
 
 
 def _compile_job(job):
-    name, cell, dtype, H, cfg, sync, is_default, flags = job
+    name, kernel, cell, dtype, H, cfg, sync, is_default, flags = job
     try:
-        return name, is_default, compile_sm90(cell, dtype, H, cfg, sync, flags=flags), None
+        return name, is_default, compile_sm90(cell, dtype, H, cfg, sync, flags=flags, kernel=kernel), None
     except Exception as exc:  # report every failing variant, not just the first
         return name, is_default, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
@@ -112,11 +144,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the defaults of a few sizes (the CI test)")
     parser.add_argument("--space", action="store_true", help="also every autotuning candidate")
+    parser.add_argument("--kernel", choices=("fwd", "bwd"), help="only this kernel's variants")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("compile_check: unset TRITON_INTERPRET; it compiles real GPU code")
-    jobs = list(variants(args.quick, args.space))
+    jobs = [j for j in variants(args.quick, args.space) if args.kernel in (None, j[1])]
     failed = 0
     print(f"{'variant':<64} {'regs':>5} {'spill B':>8} {'shared B':>9}")
     with ProcessPoolExecutor(args.jobs) as pool:
