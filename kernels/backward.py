@@ -202,6 +202,7 @@ def rnn_bwd_kernel(
 
 
 class BackwardResult(NamedTuple):
+    dg: torch.Tensor  # [T, B, D, G', H]: gate pre-activation gradients (GRU: r, z, n, n of the recurrence)
     dx: torch.Tensor | None  # like x
     dh0: torch.Tensor  # [D, B, H]
     dc0: torch.Tensor | None  # [D, B, H], LSTM only
@@ -295,7 +296,7 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, lengths, out, saved, d_out, d_hn,
     rec = gates_rec.reshape(T * B, D, G * H).transpose(0, 1)  # [D, T*B, G*H]
     dw_hh = torch.bmm(rec.transpose(1, 2), h_prev)
     db_hh = gates_rec.reshape(T * B, D * G * H).sum(0)
-    return BackwardResult(dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, info)
+    return BackwardResult(dg, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, info)
 
 
 def backward_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool, has_c0: bool, has_len: bool,

@@ -293,7 +293,7 @@ class ForwardResult(NamedTuple):
 
 def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias, b_hn, h0, c0,
             lengths, batch_first: bool, config: ForwardConfig | None = None, out=None, hn=None, cn=None,
-            save: bool = False) -> ForwardResult:
+            save: bool = False, first_step=None) -> ForwardResult:
     """Run one layer, every direction in one launch (or one launch per step).
 
     x: [T, B, I] ([B, T, I] when batch_first); w_ih: [D*G*H, I] (directions stacked);
@@ -303,8 +303,10 @@ def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     unless RNN_AUTOTUNE=0) or the heuristic default.
     out, hn, cn: optional preallocated outputs (tests poison them).
     save: also keep what the fused backward needs (training); inference keeps nothing.
+    first_step: [D, B, G*H] or None, added to each direction's input projection at its first step
+        (LSTM with proj_size runs on m = o * tanh(c) and folds h0 W_hh^T in here).
     """
-    layer = _Layer(cell, x, w_ih, w_hh, bias, b_hn, h0, c0, lengths, batch_first)
+    layer = _Layer(cell, x, w_ih, w_hh, bias, b_hn, h0, c0, lengths, batch_first, first_step)
     out = layer.empty_out() if out is None else out
     hn = torch.empty(layer.D, layer.B, layer.H, dtype=x.dtype, device=x.device) if hn is None else hn
     if layer.cell == Cell.LSTM and cn is None:
@@ -320,7 +322,7 @@ def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
 class _Layer:
     """One layer's inputs with the input projection done: what every launch of it shares."""
 
-    def __init__(self, cell, x, w_ih, w_hh, bias, b_hn, h0, c0, lengths, batch_first):
+    def __init__(self, cell, x, w_ih, w_hh, bias, b_hn, h0, c0, lengths, batch_first, first_step=None):
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"rnn_fwd: unsupported dtype {x.dtype}")
         self.cell = Cell(cell)
@@ -337,8 +339,22 @@ class _Layer:
         x2d = x.reshape(-1, x.shape[-1])
         xw = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
         self.xw = xw.view(x.shape[0], x.shape[1], self.D * G * self.H)
+        if first_step is not None:
+            self._add_first_step(first_step)
         self.precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda
                                     and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+
+    def _add_first_step(self, first_step):
+        """Add first_step[d] ([B, G*H]) to direction d's input projection at its first step: time
+        0 forward; time T-1 in reverse, or each sequence's own last time when lengths are given."""
+        GH = self.cell.gates * self.H
+        xw = self.xw.transpose(0, 1) if self.batch_first else self.xw  # [T, B, D*G*H] view
+        xw[0, :, :GH] += first_step[0]
+        if self.D == 2:
+            last = (self.lengths.long() - 1) if self.lengths is not None else \
+                torch.full((self.B,), self.T - 1, device=self.device, dtype=torch.long)
+            rows = torch.arange(self.B, device=self.device)
+            xw[last, rows, GH:] += first_step[1]
 
     def empty_out(self, steps=None):
         T = self.T if steps is None else steps

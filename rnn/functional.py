@@ -1,7 +1,6 @@
 """Stacking, directions, inter-layer dropout, packed sequences and hx handling over one per-layer
 implementation: the fused Triton layer (an autograd.Function) or the pure-PyTorch reference.
 """
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +82,95 @@ class FusedRNNLayer(torch.autograd.Function):
                 g.dc0 if c0 is not None else None, *grads)
 
 
+class FusedLSTMProjLayer(torch.autograd.Function):
+    """One LSTM layer with proj_size, both directions, through the fused kernels.
+
+    With m_t = o * tanh(c_t) and h_t = W_hr m_t, the recurrent term h_{t-1} W_hh^T equals
+    m_{t-1} (W_hh W_hr)^T: the kernels run a plain LSTM on m with the effective weight W_hh W_hr
+    (one barrier per step, where projecting inside the step would need a second), h0's term
+    h0 W_hh^T folded into each direction's first step. The outputs h are one GEMM over all steps;
+    backward maps the kernels' gradients back onto W_hh, W_hr and h0.
+    """
+
+    @staticmethod
+    def forward(ctx, lengths, batch_first, record, save, x, h0, c0, *flat):
+        groups = _group(flat, True, True)
+        w_ih, w_hh, bias, _ = _stack_weights(Cell.LSTM, [g[:4] for g in groups])  # w_hh [D, 4H, P]
+        w_hr = torch.stack([g[4] for g in groups])  # [D, P, H]
+        lengths_dev = lengths.to(device=x.device, dtype=torch.int32) if lengths is not None else None
+        first = torch.bmm(h0, w_hh.transpose(1, 2)) if h0 is not None else None
+        c0 = c0.contiguous() if c0 is not None else None
+        result = rnn_fwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), bias, None, None, c0, lengths_dev, batch_first,
+                         save=save, first_step=first)
+        record.append(result.info)
+        m, m_n = result.out, result.h_n
+        out = _project(m, w_hr)
+        h_n = torch.bmm(m_n, w_hr.transpose(1, 2))
+        if save:
+            ctx.lengths, ctx.batch_first, ctx.has_bias = lengths_dev, batch_first, flat[2] is not None
+            ctx.save_for_backward(x, h0, c0, m, m_n, result.saved, *flat)
+            ctx.set_materialize_grads(False)
+        return out, h_n, result.c_n
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn):
+        if torch.is_grad_enabled():
+            raise RuntimeError("double backward (create_graph=True) through rnn's fused kernels is not "
+                               "supported; run with RNN_BACKEND=reference for higher-order gradients")
+        x, h0, c0, m, m_n, saved, *flat = ctx.saved_tensors
+        groups = _group(flat, True, True)
+        w_ih, w_hh, _, _ = _stack_weights(Cell.LSTM, [g[:4] for g in groups])
+        w_hr = torch.stack([g[4] for g in groups])
+        D, P, H = w_hr.shape
+        # The gradient reaching m through the projection of the outputs and of h_n.
+        d_m = _project(d_out, w_hr.transpose(1, 2)) if d_out is not None else None
+        d_mn = torch.bmm(d_hn, w_hr) if d_hn is not None else None
+        g = rnn_bwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), None, c0, ctx.lengths, m, saved, d_m, d_mn, d_cn,
+                    ctx.batch_first, need_dx=ctx.needs_input_grad[4])
+        d_w_eff = g.dw_hh  # [D, 4H, H]
+        d_w_hh = torch.bmm(d_w_eff, w_hr.transpose(1, 2))
+        d_w_hr = torch.bmm(w_hh.transpose(1, 2), d_w_eff)
+        if d_out is not None:
+            d_w_hr += torch.einsum("...dp,...dh->dph", _by_direction(d_out, D), _by_direction(m, D))
+        if d_hn is not None:
+            d_w_hr += torch.bmm(d_hn.transpose(1, 2), m_n)
+        d_h0 = None
+        if h0 is not None:
+            # h0 entered through each direction's first step: h0 W_hh^T.
+            d_first = _first_steps(g.dg, ctx.lengths)  # [D, B, 4H]
+            d_h0 = torch.bmm(d_first, w_hh)
+            d_w_hh += torch.bmm(d_first.transpose(1, 2), h0)
+        grads = []
+        rows = w_hh.shape[1]
+        for d in range(D):
+            grads += [g.dw_ih[d * rows:(d + 1) * rows], d_w_hh[d]]
+            grads += [g.db_ih[d * rows:(d + 1) * rows], g.db_hh[d * rows:(d + 1) * rows]] if ctx.has_bias else [None, None]
+            grads.append(d_w_hr[d])
+        return (None, None, None, None, g.dx, d_h0, g.dc0 if c0 is not None else None, *grads)
+
+
+def _by_direction(seq, D):
+    """[..., D*F] -> [..., D, F]."""
+    return seq.reshape(*seq.shape[:-1], D, seq.shape[-1] // D)
+
+
+def _project(seq, w):
+    """Each direction's slice of seq [..., D*F] times w[d]^T ([D, E, F]): [..., D*E]."""
+    out = torch.einsum("...df,def->...de", _by_direction(seq, w.shape[0]), w)
+    return out.reshape(*out.shape[:-2], -1)
+
+
+def _first_steps(dg, lengths):
+    """Gate gradients at each direction's first step, [D, B, 4H], from dg [T, B, D, 4, H]: time 0
+    forward; time T-1 in reverse, or each sequence's own last time."""
+    T, B, D = dg.shape[:3]
+    first = [dg[0, :, 0]]
+    if D == 2:
+        last = lengths.long() - 1 if lengths is not None else torch.full((B,), T - 1, device=dg.device)
+        first.append(dg[last, torch.arange(B, device=dg.device), 1])
+    return torch.stack(first).reshape(D, B, -1)
+
+
 def _group(flat, has_bias: bool, has_proj: bool):
     """Flat weights of one layer (torch.nn's order) -> one (w_ih, w_hh, b_ih, b_hh, w_hr) per direction."""
     n = 2 + 2 * has_bias + has_proj
@@ -94,16 +182,7 @@ def _group(flat, has_bias: bool, has_proj: bool):
     return groups
 
 
-_warned: set = set()
-
-
-def _warn_once(message: str):
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=4)
-
-
-def choose_backend(x: torch.Tensor, proj_size: int) -> ForwardPath:
+def choose_backend(x: torch.Tensor) -> ForwardPath:
     """RNN_BACKEND=auto runs the kernels on CUDA tensors, and on CPU tensors under the Triton
     interpreter; =triton insists on them (an error where they cannot run); =reference never."""
     choice = env.backend()
@@ -117,10 +196,6 @@ def choose_backend(x: torch.Tensor, proj_size: int) -> ForwardPath:
         return ForwardPath("reference", reason=f"no Triton backend for {x.device} tensors")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the fused kernels support {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}")
-    if proj_size > 0:
-        reason = "LSTM with proj_size > 0 is not fused yet: it runs on the reference path"
-        _warn_once(reason)
-        return ForwardPath("reference", reason=reason)
     return ForwardPath("triton")
 
 
@@ -139,7 +214,7 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
         x, lengths = input, None
     h0, c0 = (hx if hx is not None else (None, None)) if cell == Cell.LSTM else (hx, None)
 
-    path = choose_backend(x, proj_size)
+    path = choose_backend(x)
     per_direction = 2 + 2 * has_bias + (proj_size > 0)
     per_layer = per_direction * D
     h_ns, c_ns = [], []
@@ -147,10 +222,16 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
         flat = flat_weights[layer * per_layer:(layer + 1) * per_layer]
         states = [s[layer * D:(layer + 1) * D] if s is not None else None for s in (h0, c0)]
         if path.backend == "triton":
-            # The fused layer takes four tensors per direction; absent biases are None.
-            flat = [t for w in _group(flat, has_bias, False) for t in w[:4]]
+            # The fused layers take a fixed number of tensors per direction; absent biases are None.
+            if proj_size:
+                flat = [t for w in _group(flat, has_bias, True) for t in w]
+            else:
+                flat = [t for w in _group(flat, has_bias, False) for t in w[:4]]
             save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *states, *flat))
-            x, h_n, c_n = FusedRNNLayer.apply(cell, lengths, batch_first, path.launches, save, x, *states, *flat)
+            if proj_size:
+                x, h_n, c_n = FusedLSTMProjLayer.apply(lengths, batch_first, path.launches, save, x, *states, *flat)
+            else:
+                x, h_n, c_n = FusedRNNLayer.apply(cell, lengths, batch_first, path.launches, save, x, *states, *flat)
         else:
             x, h_n, c_n = reference.layer_forward(cell, x, *states, lengths, _group(flat, has_bias, proj_size > 0),
                                                   batch_first)

@@ -57,24 +57,28 @@ def test_dtypes(cell, dtype, kernel_device):
     assert_grads_close(ours, ref, tol)
 
 
-@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+@pytest.mark.parametrize("mode", ["LSTM", "LSTM-proj", "GRU", "RNN_TANH", "RNN_RELU"])
 def test_gradcheck_through_the_kernels(mode, monkeypatch):
     monkeypatch.setenv("RNN_BACKEND", "triton")
+    proj = 2 if mode == "LSTM-proj" else 0
+    mode = mode.removesuffix("-proj")
     cell = Cell[mode]
     torch.manual_seed(4)
     D, L, H, I = 2, 2, 5, 3
     module = {"LSTM": rnn.LSTM, "GRU": rnn.GRU}.get(mode, rnn.RNN)(
         I, H, num_layers=L, bidirectional=True, dtype=torch.float64,
-        **({"nonlinearity": mode[4:].lower()} if mode.startswith("RNN") else {}))
+        **({"nonlinearity": mode[4:].lower()} if mode.startswith("RNN") else {}),
+        **({"proj_size": proj} if proj else {}))
     params = [p.detach().clone().requires_grad_() for p in module._flat_weights]
     x = torch.randn(3, 2, I, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(L * D, 2, H, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(L * D, 2, proj or H, dtype=torch.float64, requires_grad=True)
     c0 = torch.randn(L * D, 2, H, dtype=torch.float64, requires_grad=True)
 
     def fn(x, h0, c0, *params):
         hx = (h0, c0) if cell == Cell.LSTM else h0
         out, h_n, c_n, path = functional.rnn(cell, x, hx, list(params), num_layers=L, bidirectional=True,
-                                             batch_first=False, dropout=0.0, training=False, has_bias=True)
+                                             batch_first=False, dropout=0.0, training=False, has_bias=True,
+                                             proj_size=proj)
         assert path.backend == "triton"
         return (out, h_n) + ((c_n,) if c_n is not None else ())
 

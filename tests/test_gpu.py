@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import rnn
-from helpers import TOL, assert_close, assert_grads_close, compare_modules, make_pair, rel_err, run_backward, run_layer
+from helpers import TOL, assert_close, assert_grads_close, compare_modules, rel_err, run_backward, run_layer
 from kernels.cells import Cell
 from kernels.configs import ForwardConfig
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODULES = {"RNN_TANH": (torch.nn.RNN, {"nonlinearity": "tanh"}), "RNN_RELU": (torch.nn.RNN, {"nonlinearity": "relu"}),
-           "LSTM": (torch.nn.LSTM, {}), "GRU": (torch.nn.GRU, {})}
+           "LSTM": (torch.nn.LSTM, {}), "GRU": (torch.nn.GRU, {}), "LSTM-proj": (torch.nn.LSTM, {"proj_size": 50})}
 
 
 @pytest.fixture
@@ -55,7 +55,9 @@ def test_module_forward_per_dtype(mode, precision):
 def test_module_gradients_fp32(mode, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # torch.nn's fp32 at full precision
     torch.manual_seed(0)
-    ref, ours = make_pair(mode, 24, 72, dtype=torch.float32, device="cuda", num_layers=2, bidirectional=True)
+    cls, extra = MODULES[mode]
+    ref = cls(24, 72, num_layers=2, bidirectional=True, device="cuda", **extra)
+    ours = rnn.from_torch(copy.deepcopy(ref))
     x = torch.randn(9, 5, 24, device="cuda")
     compare_modules(ref, ours, lambda: (lambda leaf: (leaf, leaf))(x.clone().requires_grad_()), tol=1e-4)
     assert ours.last_path.backend == "triton"

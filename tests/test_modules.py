@@ -68,15 +68,6 @@ def test_backend_selection(monkeypatch):
     assert model.last_path.backend == "reference"
 
 
-def test_proj_size_warns_once_and_runs_reference(monkeypatch):
-    monkeypatch.setattr("rnn.functional._warned", set())
-    model = rnn.LSTM(4, 6, proj_size=2)
-    x = torch.randn(3, 2, 4)
-    with pytest.warns(UserWarning, match="proj_size"):
-        model(x)
-    assert model.last_path.backend == "reference"
-
-
 @pytest.mark.interpreter
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
 def test_dropout_in_training(mode, monkeypatch):

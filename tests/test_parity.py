@@ -60,7 +60,9 @@ def _cases():
         ]
     lstm = Case("LSTM", proj=5)
     cases += [lstm, replace(lstm, layers=2, bidirectional=True, with_hx=True),
-              replace(lstm, packed="unsorted", bidirectional=True, B=4, with_hx=True)]
+              replace(lstm, packed="unsorted", bidirectional=True, B=4, with_hx=True),
+              replace(lstm, layers=3, batch_first=True, bias=False, dropout=0.3, with_hx=True),
+              replace(lstm, proj=1, T=1, unbatched=True, bidirectional=True, with_hx=True)]
     return cases
 
 
@@ -114,11 +116,8 @@ def test_parity_kernels(case, kernel_device, monkeypatch):
     monkeypatch.setenv("RNN_BACKEND", "triton")
     ours = _run_case(case, kernel_device, torch.float64, TOL[torch.float64])
     path = ours.last_path
-    if case.proj:
-        assert path.backend == "reference" and "proj_size" in path.reason
-    else:
-        assert path.backend == "triton"
-        assert len(path.launches) == case.layers
+    assert path.backend == "triton"
+    assert len(path.launches) == case.layers
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -129,7 +128,7 @@ def test_parity_reference(case, monkeypatch):
 
 
 FP32_CASES = [Case("LSTM", layers=2, bidirectional=True, with_hx=True), Case("GRU", batch_first=True),
-              Case("RNN_TANH", packed="unsorted", B=4)]
+              Case("RNN_TANH", packed="unsorted", B=4), Case("LSTM", proj=6, bidirectional=True, with_hx=True)]
 
 
 @pytest.mark.interpreter
