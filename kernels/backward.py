@@ -10,7 +10,9 @@ from kernels import env
 from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
 from kernels.configs import ForwardConfig, default_backward_config
-from kernels.forward import LaunchInfo, _choose_persistent, _sm_count
+from kernels.packing import Packing
+from kernels.forward import (LaunchInfo, _choose_persistent, _sm_count, layout_strides, max_registers, seq_offsets,
+                             tile_steps)
 
 
 @triton.jit
@@ -49,30 +51,38 @@ def _recurrent_grad(src, w, w_dir, units, unit_ok, g_rows, row_ok, KG, H, BB: tl
 
 
 @triton.jit
+def _saved_offsets(off_ptr, t, rows64, B, D: tl.constexpr, d, G: tl.constexpr, H, PACKED: tl.constexpr):
+    """Offsets [BB, 1] of direction d's saved activations of each sequence at time t."""
+    return seq_offsets(off_ptr, t, rows64, B * D * (G + 1) * H, D * (G + 1) * H, PACKED)[:, None] + d * (G + 1) * H
+
+
+@triton.jit
 def _saved(sv_ptr, slot, H, mask, ACC: tl.constexpr):
     return tl.load(sv_ptr + slot * H, mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit
-def _put(dg_ptr, xb_ptr, dg_slot, xb_slot, H, value, active, mask, SHARE: tl.constexpr):
+def _put(dg_ptr, xb_ptr, dg_slot, xb_slot, H, value, active, mask, PACKED: tl.constexpr, SHARE: tl.constexpr):
     """One gate's gradient (zero where a sequence has ended) into the sequence of gate gradients
-    (input dtype) and, when SHARE, into this step's exchange row for the recurrent product."""
+    (input dtype; packed data has no row for an ended sequence) and, when SHARE, into this
+    step's exchange row for the recurrent product (zeros included)."""
     value = tl.where(active, value, 0.0)
-    tl.store(dg_ptr + dg_slot * H, value.to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + dg_slot * H, value.to(dg_ptr.dtype.element_ty), mask=active if PACKED else mask)
     if SHARE:
         tl.store(xb_ptr + xb_slot * H, value, mask=mask)
 
 
 @triton.jit(do_not_specialize=["T", "t0", "t1", "finish"])
 def rnn_bwd_kernel(
-    saved_ptr,  # [T, B, D, G+1, H]: LSTM i f g o (activated) c; GRU r z n n_h (forward's SAVE)
-    out_ptr,  # [T, B, D*H] (or [B, T, D*H]): the forward's outputs
+    saved_ptr,  # [T, B, D, G+1, H] (packed [N, ...]): LSTM i f g o (activated) c; GRU r z n n_h
+    out_ptr,  # [T, B, D*H] (or [B, T, D*H], or packed [N, D*H]): the forward's outputs
     h0_ptr, c0_ptr,  # [D, B, H]
-    len_ptr,  # [B] int32
+    len_ptr,  # [B] int32 sequence lengths (PACKED)
+    off_ptr,  # [T] int64 first packed row of each time (PACKED)
     w_hh_ptr,  # [D, G*H, H]
-    dout_ptr,  # [T, B, D*H] (or [B, T, D*H]): gradient of the outputs
+    dout_ptr,  # like out: gradient of the outputs
     dhn_ptr, dcn_ptr,  # [D, B, H]: gradients of h_n, c_n
-    dg_ptr,  # out [T, B, D, GR, H]: gate pre-activation gradients (GR: G, and 4 for GRU: r z n n_h)
+    dg_ptr,  # out [T, B, D, GR, H] (packed [N, ...]): gate pre-activation gradients (GR: G; GRU 4: r z n n_h)
     dh0_ptr, dc0_ptr,  # out [D, B, H]
     xbuf_ptr,  # [2, D, B, G*H] accumulator dtype, zeroed: recurrent gate gradients exchanged
     dhbuf_ptr, dcbuf_ptr,  # [D, B, H] accumulator dtype: carried gradients between stepwise launches
@@ -82,7 +92,7 @@ def rnn_bwd_kernel(
     stride_ot, stride_ob, stride_dt, stride_db,
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LEN: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr,
     HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr, HAS_DCN: tl.constexpr,
     SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -118,39 +128,38 @@ def rnn_bwd_kernel(
             w = w.to(tl.float32)
     else:
         w = tl.zeros([1, 1], tl.float32)  # streamed in chunks instead
-    if HAS_LEN:
-        lengths = tl.load(len_ptr + rows, mask=row_ok, other=0)
-        last = lengths - 1
-    else:
-        last = tl.zeros([BB], tl.int32) + (T - 1)
+    # Backward step s is forward time T-1-s (time s in reverse): the forward direction meets the
+    # idle end of packed time first.
+    s_lo, s_hi, lengths = tile_steps(len_ptr, rows, row_ok, T, 1 - d, PACKED)
+    s_start = tl.maximum(t0, s_lo)
+    s_end = tl.minimum(t1, s_hi)
+    last = lengths - 1
 
-    dh_carry = _load_start(dhn_ptr, dhbuf_ptr, state, own_mask, t0, HAS_DHN, ACC)
+    dh_carry = _load_start(dhn_ptr, dhbuf_ptr, state, own_mask, s_start - s_lo, HAS_DHN, ACC)
     dc = tl.zeros([BB, HB], ACC)
     if CELL == LSTM:
-        dc = _load_start(dcn_ptr, dcbuf_ptr, state, own_mask, t0, HAS_DCN, ACC)
+        dc = _load_start(dcn_ptr, dcbuf_ptr, state, own_mask, s_start - s_lo, HAS_DCN, ACC)
 
-    for s in range(t0, t1):
+    for s in range(s_start, s_end):
         t = T - 1 - s + d * (2 * s - T + 1)  # forward time of this step: the reverse direction's is s
-        t64 = t.to(tl.int64)
-        # The exchange slot of step s-1 (zeros before the first step).
+        # The exchange slot of step s-1 (zeros before this tile's first step).
         dh = dh_carry + _recurrent_grad(xbuf_ptr + ((s + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows, row_ok,
                                         KG, H, BB, HB, BK, KB, UPCAST, PRECISION, ACC)
-        active = row_ok
-        if HAS_LEN:
-            active = t < lengths
+        active = row_ok & (t < lengths)
         act2 = active[:, None] & unit_ok[None, :]
         if HAS_DOUT:
-            dh += tl.load(dout_ptr + t64 * stride_dt + rows64[:, None] * stride_db + d * H + units[None, :],
-                          mask=act2, other=0.0).to(ACC)
+            dh += tl.load(dout_ptr + seq_offsets(off_ptr, t, rows64, stride_dt, stride_db, PACKED)[:, None] + d * H
+                          + units[None, :], mask=act2, other=0.0).to(ACC)
         # The forward's step before this one, and whether this was the sequence's first step.
-        t_prev = t - 1 + 2 * d
         first = ((d == 0) & (t == 0)) | ((d == 1) & (t == last))
         prev_mask = act2 & ~first[:, None]
-        dg = dg_ptr + ((t64 * B + rows64[:, None]) * D + d) * GR * H + units[None, :]
+        t_prev = tl.minimum(tl.maximum(t - 1 + 2 * d, 0), T - 1)  # clamped: only read where not first
+        dg = dg_ptr + (seq_offsets(off_ptr, t, rows64, B * D * GR * H, D * GR * H, PACKED)[:, None] + d * GR * H
+                       + units[None, :])
         xb = xbuf_ptr + (s % 2) * slot + g_rows + units[None, :]
         if CELL == LSTM:
-            sv = saved_ptr + ((t64 * B + rows64[:, None]) * D + d) * (G + 1) * H + units[None, :]
-            sv_prev = saved_ptr + ((t_prev.to(tl.int64) * B + rows64[:, None]) * D + d) * (G + 1) * H + units[None, :]
+            sv = saved_ptr + _saved_offsets(off_ptr, t, rows64, B, D, d, G, H, PACKED) + units[None, :]
+            sv_prev = saved_ptr + _saved_offsets(off_ptr, t_prev, rows64, B, D, d, G, H, PACKED) + units[None, :]
             c_prev = _saved(sv_prev, 4, H, prev_mask, ACC)
             if HAS_C0:
                 c_prev += tl.load(c0_ptr + state, mask=act2 & first[:, None], other=0.0).to(ACC)
@@ -160,45 +169,47 @@ def rnn_bwd_kernel(
             # Past its length a sequence only carries its state: gradients pass through unchanged.
             dc = tl.where(act2, dc_prev, dc)
             dh_carry = tl.where(act2, 0.0, dh)
-            _put(dg, xb, 0, 0, H, d_i, act2, own_mask, True)
-            _put(dg, xb, 1, 1, H, d_f, act2, own_mask, True)
-            _put(dg, xb, 2, 2, H, d_g, act2, own_mask, True)
-            _put(dg, xb, 3, 3, H, d_o, act2, own_mask, True)
+            _put(dg, xb, 0, 0, H, d_i, act2, own_mask, PACKED, True)
+            _put(dg, xb, 1, 1, H, d_f, act2, own_mask, PACKED, True)
+            _put(dg, xb, 2, 2, H, d_g, act2, own_mask, PACKED, True)
+            _put(dg, xb, 3, 3, H, d_o, act2, own_mask, PACKED, True)
         elif CELL == GRU:
-            sv = saved_ptr + ((t64 * B + rows64[:, None]) * D + d) * (G + 1) * H + units[None, :]
-            h_prev = tl.load(out_ptr + t_prev.to(tl.int64) * stride_ot + rows64[:, None] * stride_ob + d * H
-                             + units[None, :], mask=prev_mask, other=0.0).to(ACC)
+            sv = saved_ptr + _saved_offsets(off_ptr, t, rows64, B, D, d, G, H, PACKED) + units[None, :]
+            h_prev = tl.load(out_ptr + seq_offsets(off_ptr, t_prev, rows64, stride_ot, stride_ob, PACKED)[:, None]
+                             + d * H + units[None, :], mask=prev_mask, other=0.0).to(ACC)
             if HAS_H0:
                 h_prev += tl.load(h0_ptr + state, mask=act2 & first[:, None], other=0.0).to(ACC)
             d_r, d_z, d_n, d_nh, dh_direct = gru_cell_bwd(
                 dh, _saved(sv, 0, H, act2, ACC), _saved(sv, 1, H, act2, ACC), _saved(sv, 2, H, act2, ACC),
                 _saved(sv, 3, H, act2, ACC), h_prev)
             dh_carry = tl.where(act2, dh_direct, dh)
-            _put(dg, xb, 0, 0, H, d_r, act2, own_mask, True)
-            _put(dg, xb, 1, 1, H, d_z, act2, own_mask, True)
-            _put(dg, xb, 2, 0, H, d_n, act2, own_mask, False)  # the input projection's n
-            _put(dg, xb, 3, 2, H, d_nh, act2, own_mask, True)  # the recurrence's n: d_n * r
+            _put(dg, xb, 0, 0, H, d_r, act2, own_mask, PACKED, True)
+            _put(dg, xb, 1, 1, H, d_z, act2, own_mask, PACKED, True)
+            _put(dg, xb, 2, 0, H, d_n, act2, own_mask, PACKED, False)  # the input projection's n
+            _put(dg, xb, 3, 2, H, d_nh, act2, own_mask, PACKED, True)  # the recurrence's n: d_n * r
         else:
-            h = tl.load(out_ptr + t64 * stride_ot + rows64[:, None] * stride_ob + d * H + units[None, :],
-                        mask=act2, other=0.0).to(ACC)
+            h = tl.load(out_ptr + seq_offsets(off_ptr, t, rows64, stride_ot, stride_ob, PACKED)[:, None] + d * H
+                        + units[None, :], mask=act2, other=0.0).to(ACC)
             dh_carry = tl.where(act2, 0.0, dh)
-            _put(dg, xb, 0, 0, H, rnn_cell_bwd(dh, h, CELL), act2, own_mask, True)
+            _put(dg, xb, 0, 0, H, rnn_cell_bwd(dh, h, CELL), act2, own_mask, PACKED, True)
         if SYNC:
-            grid_sync(sync_ptr + d * tl.num_programs(1) + pid_b, n_prog * (s - t0 + 1))
+            grid_sync(sync_ptr + d * tl.num_programs(1) + pid_b, n_prog * (s - s_start + 1))
         else:
             tl.debug_barrier()
 
     if finish != 0:
-        # The first step's gates reach h0 through W_hh as well.
-        dh0 = dh_carry + _recurrent_grad(xbuf_ptr + ((T + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows, row_ok,
-                                         KG, H, BB, HB, BK, KB, UPCAST, PRECISION, ACC)
+        # The tile's last step's gates (slot of step s_hi - 1) reach h0 through W_hh as well.
+        dh0 = dh_carry + _recurrent_grad(xbuf_ptr + ((s_hi + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows,
+                                         row_ok, KG, H, BB, HB, BK, KB, UPCAST, PRECISION, ACC)
         tl.store(dh0_ptr + state, dh0.to(dh0_ptr.dtype.element_ty), mask=own_mask)
         if CELL == LSTM:
             tl.store(dc0_ptr + state, dc.to(dc0_ptr.dtype.element_ty), mask=own_mask)
     else:
-        tl.store(dhbuf_ptr + state, dh_carry, mask=own_mask)
+        # A launch that ran no step leaves the carried gradients alone.
+        ran = own_mask & (s_start < s_end)
+        tl.store(dhbuf_ptr + state, dh_carry, mask=ran)
         if CELL == LSTM:
-            tl.store(dcbuf_ptr + state, dc, mask=own_mask)
+            tl.store(dcbuf_ptr + state, dc, mask=ran)
 
 
 class BackwardResult(NamedTuple):
@@ -213,22 +224,29 @@ class BackwardResult(NamedTuple):
     info: LaunchInfo
 
 
-def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, lengths, out, saved, d_out, d_hn, d_cn, batch_first: bool,
-            need_dx: bool = True, config: ForwardConfig | None = None, dg=None, dh0=None, dc0=None) -> BackwardResult:
+def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, saved, d_out, d_hn, d_cn,
+            batch_first: bool, need_dx: bool = True, config: ForwardConfig | None = None, dg=None, dh0=None,
+            dc0=None) -> BackwardResult:
     """Gradients of one layer (every direction) from the forward's inputs, outputs and saved
     activations (rnn_fwd(save=True)) and the gradients of out, h_n and c_n (any may be None).
+    With ``packing``, x, out, d_out and the gate gradients are in the packed layout, as in rnn_fwd.
 
     The reverse-time loop runs in rnn_bwd_kernel (persistent where co-resident, else a launch per
     step); dx and every weight gradient then come from GEMMs over all timesteps at once. Biases:
     db_ih is the gradient of b_ih; db_hh of b_hh (for GRU its n part is the gradient of b_hn).
-    dg, dh0, dc0: optional preallocated outputs ([T, B, D, G', H] gate gradients, [D, B, H]); tests
-    poison them.
+    dg, dh0, dc0: optional preallocated outputs ([T, B, D, G', H] or [N, D, G', H] gate gradients,
+    [D, B, H]); tests poison them.
     """
     cell = Cell(cell)
     D, GH, H = w_hh.shape
     G = cell.gates
     GR = 4 if cell == Cell.GRU else G
-    T, B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+    if packing is not None:
+        T, B = packing.steps, packing.batch
+        seqs = (packing.rows,)
+    else:
+        T, B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+        seqs = (T, B)
     interpreting = env.interpreting()
     if x.device.type != "cuda" and not interpreting:
         raise RuntimeError("rnn_bwd: Triton kernels need a CUDA tensor or TRITON_INTERPRET=1")
@@ -237,7 +255,7 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, lengths, out, saved, d_out, d_hn,
     cfg = config or default_backward_config(H, B, G, w_hh.element_size(), interpreting, D, _sm_count(x.device))
     device, dtype = x.device, x.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    dg = torch.empty(T, B, D, GR, H, dtype=dtype, device=device) if dg is None else dg
+    dg = torch.empty(*seqs, D, GR, H, dtype=dtype, device=device) if dg is None else dg
     dh0 = torch.empty(D, B, H, dtype=dtype, device=device) if dh0 is None else dh0
     if cell == Cell.LSTM and dc0 is None:
         dc0 = torch.empty(D, B, H, dtype=dtype, device=device)
@@ -252,16 +270,14 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, lengths, out, saved, d_out, d_hn,
         if d_out is not None and d_out.stride(-1) != 1:
             d_out = d_out.contiguous()  # e.g. the expanded gradient of a sum
         dummy = xbuf
+        lengths, offsets = (packing.lengths, packing.offsets) if packing is not None else (None, None)
         args = tuple(t if t is not None else dummy for t in (
-            saved, out, h0, c0, lengths, w_hh, d_out, d_hn, d_cn, dg, dh0, dc0, xbuf, dhbuf, dcbuf, sync))
+            saved, out, h0, c0, lengths, offsets, w_hh, d_out, d_hn, d_cn, dg, dh0, dc0, xbuf, dhbuf, dcbuf, sync))
         args += (T, B, H)
-        strides = (out.stride(1), out.stride(0)) if batch_first else (out.stride(0), out.stride(1))
-        if d_out is None:
-            strides += (0, 0)
-        else:
-            strides += (d_out.stride(1), d_out.stride(0)) if batch_first else (d_out.stride(0), d_out.stride(1))
+        strides = layout_strides(out, packing, batch_first)
+        strides += (0, 0) if d_out is None else layout_strides(d_out, packing, batch_first)
         meta = backward_meta(cell, D, H, cfg, has_h0=h0 is not None, has_c0=c0 is not None,
-                             has_len=lengths is not None, has_dout=d_out is not None, has_dhn=d_hn is not None,
+                             packed=packing is not None, has_dout=d_out is not None, has_dhn=d_hn is not None,
                              has_dcn=d_cn is not None, upcast=interpreting and dtype == torch.bfloat16,
                              precision="tf32" if (dtype == torch.float32 and x.is_cuda
                                                   and torch.backends.cuda.matmul.allow_tf32) else "ieee")
@@ -282,24 +298,29 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, lengths, out, saved, d_out, d_hn,
             dc0.zero_()
     info = LaunchInfo("rnn_bwd_kernel", cfg, grid, persistent)
 
-    # Everything else is one GEMM (or one reduction) over all timesteps.
-    gates_in = dg[:, :, :, :G].reshape(T * B, D * G * H)  # GRU: r, z and n of the input projection
-    gates_rec = dg[:, :, :, [0, 1, 3]] if cell == Cell.GRU else dg  # GRU: n of the recurrence is d_n * r
-    x_tm = x.transpose(0, 1) if batch_first else x
-    dw_ih = gates_in.t() @ x_tm.reshape(T * B, -1)
+    # Everything else is one GEMM (or one reduction) over all timesteps (all real tokens).
+    rows = dg.shape[0] * (1 if packing is not None else B)
+    dg_rows = dg.reshape(rows, D, GR, H)
+    gates_in = dg_rows[:, :, :G].reshape(rows, D * G * H)  # GRU: r, z and n of the input projection
+    gates_rec = dg_rows[:, :, [0, 1, 3]] if cell == Cell.GRU else dg_rows  # GRU: the recurrence's n is d_n * r
+    x_rows = x if packing is not None else (x.transpose(0, 1) if batch_first else x)
+    x_rows = x_rows.reshape(rows, -1)
+    dw_ih = gates_in.t() @ x_rows
     db_ih = gates_in.sum(0)
     dx = None
     if need_dx:
-        dx = (gates_in @ w_ih).view(T, B, -1)
-        dx = dx.transpose(0, 1) if batch_first else dx
-    h_prev = _previous_states(out, h0, lengths, batch_first, D, H)  # [D, T*B, H]
-    rec = gates_rec.reshape(T * B, D, G * H).transpose(0, 1)  # [D, T*B, G*H]
+        dx = gates_in @ w_ih
+        if packing is None:
+            dx = dx.view(T, B, -1)
+            dx = dx.transpose(0, 1) if batch_first else dx
+    h_prev = _previous_states(out, h0, packing, batch_first, D, H)  # [D, rows, H]
+    rec = gates_rec.reshape(rows, D, G * H).transpose(0, 1)  # [D, rows, G*H]
     dw_hh = torch.bmm(rec.transpose(1, 2), h_prev)
-    db_hh = gates_rec.reshape(T * B, D * G * H).sum(0)
+    db_hh = gates_rec.reshape(rows, D * G * H).sum(0)
     return BackwardResult(dg, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, info)
 
 
-def backward_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool, has_c0: bool, has_len: bool,
+def backward_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool, has_c0: bool, packed: bool,
                   has_dout: bool, has_dhn: bool, has_dcn: bool, upcast: bool, precision: str) -> dict:
     """The constexprs and launch options of rnn_bwd_kernel (all but SYNC)."""
     cell = Cell(cell)
@@ -307,34 +328,37 @@ def backward_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: boo
         raise ValueError(f"rnn_bwd: hidden_block must be at least 16 (one dot tile), got {cfg.hidden_block}")
     full_k = max(16, triton.next_power_of_2(cell.gates * H))
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=full_k,
-                KB=min(cfg.k_block or full_k, full_k), HAS_H0=has_h0, HAS_C0=has_c0, HAS_LEN=has_len,
+                KB=min(cfg.k_block or full_k, full_k), HAS_H0=has_h0, HAS_C0=has_c0, PACKED=packed,
                 HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn, UPCAST=upcast, PRECISION=precision,
+                # Left to itself ptxas often caps this kernel at 128 registers and spills.
                 num_warps=cfg.num_warps, maxnreg=max_registers(cfg.num_warps),
                 # No software pipelining: it could hoist the next step's loads above the barrier.
                 num_stages=1)
 
 
-def max_registers(num_warps: int) -> int:
-    """The register budget given to ptxas for the backward kernel: all a thread may have with one
-    program per SM (what persistent grids assume). Left to itself ptxas often caps this kernel at
-    128 registers and spills (sm_90 compiles); the forward kernel does better without a budget."""
-    return min(255, 65536 // (32 * num_warps))
-
-
-def _previous_states(out, h0, lengths, batch_first, D, H):
-    """h_{t-1} of every step, per direction, [D, T*B, H]: the forward's output one step back in
-    each direction's own order, h0 at a sequence's first step (for the reverse direction with
-    lengths, that is its own last valid time)."""
+def _previous_states(out, h0, packing, batch_first, D, H):
+    """h_{t-1} of every step, per direction, [D, rows, H] in the gate gradients' row order: the
+    forward's output one step back in each direction's own order, h0 at a sequence's first step
+    (for the reverse direction of a packed batch, its own last time)."""
+    if packing is not None:
+        t, b = packing.time_of_row, packing.seq_of_row
+        o = out.view(-1, D, H)
+        start = h0 if h0 is not None else out.new_zeros(D, packing.batch, H)
+        prev = torch.empty(D, len(t), H, dtype=out.dtype, device=out.device)
+        prev[0] = torch.where((t == 0)[:, None], start[0][b], o[packing.row(torch.clamp(t - 1, min=0), b), 0])
+        if D == 2:
+            last = (t == packing.lengths.long()[b] - 1)[:, None]
+            nxt = packing.row(torch.clamp(t + 1, max=packing.steps - 1), b)
+            prev[1] = torch.where(last, start[1][b], o[torch.where(last[:, 0], 0, nxt), 1])
+        return prev
     o = out.transpose(0, 1) if batch_first else out
     T, B = o.shape[:2]
     o = o.reshape(T, B, D, H)
+    start = h0 if h0 is not None else out.new_zeros(D, B, H)
     prev = torch.empty(D, T, B, H, dtype=out.dtype, device=out.device)
-    start = h0 if h0 is not None else torch.zeros(D, B, H, dtype=out.dtype, device=out.device)
     prev[0, 0] = start[0]
     prev[0, 1:] = o[:-1, :, 0]
     if D == 2:
         prev[1, T - 1] = start[1]
         prev[1, :-1] = o[1:, :, 1]
-        if lengths is not None:
-            prev[1, lengths.long() - 1, torch.arange(B, device=out.device)] = start[1]
     return prev.view(D, T * B, H)

@@ -52,7 +52,7 @@ def k_block(hidden_size: int) -> int:
 # What one program keeps on-chip for all steps when the default runs resident: its W_hh slice and
 # its h tile (bytes). Larger slices stream W_hh in K chunks of STREAM_K. Both bounds come from compiling for
 # sm_90 (scripts/compile_check.py): within them the defaults neither spill nor overflow shared memory.
-RESIDENT_WEIGHT_BYTES = 64 * 1024
+RESIDENT_WEIGHT_BYTES = 48 * 1024
 RESIDENT_H_BYTES = 32 * 1024
 STREAM_K = 64
 H100_SMS = 132
@@ -119,7 +119,7 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
     if interpreting:
         batch_block = min(64, max(MIN_TILE, triton.next_power_of_2(max(batch, 1))))
         return ForwardConfig(hidden_block=k_block(hidden_size), batch_block=batch_block)
-    batch_block = 16 if batch <= 16 else (32 if batch <= 32 else 64)
+    batch_block = 16 if batch <= 16 else 32  # wider tiles spill here
     groups = directions * triton.cdiv(max(batch, 1), batch_block)
     hidden_block = max(MIN_TILE, triton.next_power_of_2(triton.cdiv(hidden_size, max(1, sms // groups))))
     hidden_block = min(hidden_block, k_block(hidden_size))

@@ -12,6 +12,7 @@ import triton.language as tl
 from kernels import env
 from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
+from kernels.packing import Packing
 from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, ForwardConfig, candidate_configs,
                              default_forward_config, describe, k_block, tuning_key)
 
@@ -103,26 +104,52 @@ def _save(ptr, slot, H, value, mask):
     tl.store(ptr + slot * H, value.to(ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def seq_offsets(off_ptr, t, rows64, stride_t, stride_b, PACKED: tl.constexpr):
+    """Element offset of each sequence's vector at time t: packed data keeps sequence b of time t
+    in row offsets[t] + b; a padded tensor at t * stride_t + b * stride_b."""
+    if PACKED:
+        return (tl.load(off_ptr + t) + rows64) * stride_b
+    else:
+        return t.to(tl.int64) * stride_t + rows64 * stride_b
+
+
+@triton.jit
+def tile_steps(len_ptr, rows, row_ok, T, first_lo, PACKED: tl.constexpr):
+    """The steps [lo, hi) in which any sequence of this batch tile is active, and the lengths.
+    Packed sequences are only active for t < length; first_lo: whether the walk meets the short
+    end of the time axis first (so the idle steps come first)."""
+    if PACKED:
+        lengths = tl.load(len_ptr + rows, mask=row_ok, other=0)
+        idle = T - tl.max(lengths, axis=0)
+    else:
+        lengths = tl.zeros([rows.shape[0]], tl.int32) + T
+        idle = T * 0
+    lo = idle * first_lo
+    return lo, lo + T - idle, lengths
+
+
 @triton.jit(do_not_specialize=["T", "t0", "t1"])
 def rnn_fwd_kernel(
-    xw_ptr,  # [T, B, D*G*H] (or [B, T, ...]): x @ W_ih^T + biases, b_hn left out for GRU
+    xw_ptr,  # [T, B, D*G*H] (or [B, T, ...], or packed [N, ...]): x @ W_ih^T + biases, b_hn left out for GRU
     w_hh_ptr,  # [D, G*H, H]
     b_hn_ptr,  # [D, H], GRU only
     h0_ptr,  # [D, B, H]
     c0_ptr,  # [D, B, H], LSTM only
-    len_ptr,  # [B] int32 sequence lengths
-    out_ptr,  # [T, B, D*H] (or [B, T, D*H])
+    len_ptr,  # [B] int32 sequence lengths (PACKED)
+    off_ptr,  # [T] int64 first packed row of each time (PACKED)
+    out_ptr,  # [T, B, D*H] (or [B, T, D*H], or packed [N, D*H])
     hn_ptr,  # [D, B, H]
     cn_ptr,  # [D, B, H], LSTM only
     hbuf_ptr,  # [2, D, B, H] accumulator dtype: ping-pong exchange of h between programs
     cbuf_ptr,  # [D, B, H] accumulator dtype: c carried between stepwise launches
     sync_ptr,  # [D * batch tiles] int32 barrier counters, zero at launch
-    act_ptr,  # [T, B, D, S, H] input dtype: what backward needs per step (SAVE only)
+    act_ptr,  # [T, B, D, S, H] (packed: [N, D, S, H]) input dtype: what backward needs (SAVE only)
     T, B, H, t0, t1,  # this launch runs steps [t0, t1) of T
-    stride_xt, stride_xb, stride_ot, stride_ob,
+    stride_xt, stride_xb, stride_ot, stride_ob,  # packed: the row strides in stride_xb, stride_ob
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, FUSED: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_LEN: tl.constexpr, HAS_BHN: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr, HAS_BHN: tl.constexpr,
     SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
@@ -131,6 +158,8 @@ def rnn_fwd_kernel(
     KB == BK: the program's rows of W_hh stay on-chip for every step and h_{t-1} is read whole.
     KB < BK: the reduction over H runs in chunks of KB, W_hh and h streamed from L2 each step
     (for slices too large to keep on-chip). FUSED: all gates in one dot (see _weights).
+    PACKED: inputs and outputs in torch's packed layout; a sequence past its length keeps its
+    state, and a batch tile skips the steps in which all its sequences are idle.
     SAVE (training): per step, LSTM saves sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) and c_t;
     GRU r, z, n and W_hn h_{t-1} + b_hn; an RNN saves nothing (its output is all backward needs).
     """
@@ -151,26 +180,28 @@ def rnn_fwd_kernel(
     state_rows = d * B * H + rows[:, None] * H
     slot = D * B * H
     ks = tl.arange(0, KB)
+    # The reverse direction meets the idle end of packed time first.
+    s_lo, s_hi, lengths = tile_steps(len_ptr, rows, row_ok, T, d, PACKED)
+    s_start = tl.maximum(t0, s_lo)
+    s_end = tl.minimum(t1, s_hi)
 
     if RESIDENT:
         w0, w1, w2, w3 = _weights(w_dir, unit0, ks, H, G, HB, FUSED, UPCAST)
         full_mask = row_ok[:, None] & (ks < H)[None, :]
-        h_full = _load_state(h0_ptr, hbuf_ptr + (t0 % 2) * slot, state_rows + ks[None, :], full_mask, t0,
-                             HAS_H0, ACC).to(w0.dtype)
+        h_full = _load_state(h0_ptr, hbuf_ptr + (s_start % 2) * slot, state_rows + ks[None, :], full_mask,
+                             s_start - s_lo, HAS_H0, ACC).to(w0.dtype)
     b_hn = tl.zeros([HB], ACC)
     if HAS_BHN:
         b_hn = tl.load(b_hn_ptr + d * H + units, mask=unit_ok, other=0.0).to(ACC)
-    if HAS_LEN:
-        lengths = tl.load(len_ptr + rows, mask=row_ok, other=0)
 
-    h_own = _load_state(h0_ptr, hbuf_ptr + (t0 % 2) * slot, state_rows + units[None, :], own_mask, t0,
-                        HAS_H0, ACC)
+    h_own = _load_state(h0_ptr, hbuf_ptr + (s_start % 2) * slot, state_rows + units[None, :], own_mask,
+                        s_start - s_lo, HAS_H0, ACC)
     c = tl.zeros([BB, HB], ACC)
     if CELL == LSTM:
-        c = _load_state(c0_ptr, cbuf_ptr, state_rows + units[None, :], own_mask, t0, HAS_C0, ACC)
+        c = _load_state(c0_ptr, cbuf_ptr, state_rows + units[None, :], own_mask, s_start - s_lo, HAS_C0, ACC)
 
     rows64 = rows.to(tl.int64)
-    for s in range(t0, t1):
+    for s in range(s_start, s_end):
         t = s + d * (T - 1 - 2 * s)  # the reverse direction walks time backwards
         # Recurrent pre-activations h_{t-1} W_hh^T of this program's units, one per gate.
         if RESIDENT:
@@ -184,7 +215,7 @@ def rnn_fwd_kernel(
             for k0 in range(0, BK, KB):
                 kk = k0 + ks
                 h_chunk = _load_state(h0_ptr, src, state_rows + kk[None, :], row_ok[:, None] & (kk < H)[None, :],
-                                      s, HAS_H0, ACC)
+                                      s - s_lo, HAS_H0, ACC)
                 v0, v1, v2, v3 = _weights(w_dir, unit0, kk, H, G, HB, FUSED, UPCAST)
                 p0, p1, p2, p3 = _preacts(h_chunk, v0, v1, v2, v3, G, HB, BB, FUSED, PRECISION, ACC)
                 a0 += p0
@@ -192,47 +223,49 @@ def rnn_fwd_kernel(
                 a2 += p2
                 a3 += p3
 
-        x_ptr = xw_ptr + t.to(tl.int64) * stride_xt + rows64[:, None] * stride_xb + d * G * H + units[None, :]
+        active = (t < lengths)[:, None]
+        io_mask = own_mask & active  # packed data has no row for an ended sequence
+        x_ptr = xw_ptr + seq_offsets(off_ptr, t, rows64, stride_xt, stride_xb, PACKED)[:, None] + d * G * H \
+            + units[None, :]
         if CELL == LSTM:
-            h_new, c_new, si, sf, tg, so = lstm_cell(a0 + _gate_input(x_ptr, 0, H, own_mask, ACC),
-                                                     a1 + _gate_input(x_ptr, 1, H, own_mask, ACC),
-                                                     a2 + _gate_input(x_ptr, 2, H, own_mask, ACC),
-                                                     a3 + _gate_input(x_ptr, 3, H, own_mask, ACC), c)
+            h_new, c_new, si, sf, tg, so = lstm_cell(a0 + _gate_input(x_ptr, 0, H, io_mask, ACC),
+                                                     a1 + _gate_input(x_ptr, 1, H, io_mask, ACC),
+                                                     a2 + _gate_input(x_ptr, 2, H, io_mask, ACC),
+                                                     a3 + _gate_input(x_ptr, 3, H, io_mask, ACC), c)
         elif CELL == GRU:
             n_h = a2 + b_hn[None, :]
-            h_new, r, z, n = gru_cell(a0 + _gate_input(x_ptr, 0, H, own_mask, ACC),
-                                      a1 + _gate_input(x_ptr, 1, H, own_mask, ACC),
-                                      _gate_input(x_ptr, 2, H, own_mask, ACC), n_h, h_own)
+            h_new, r, z, n = gru_cell(a0 + _gate_input(x_ptr, 0, H, io_mask, ACC),
+                                      a1 + _gate_input(x_ptr, 1, H, io_mask, ACC),
+                                      _gate_input(x_ptr, 2, H, io_mask, ACC), n_h, h_own)
             c_new = c
         else:
-            h_new = rnn_cell(a0 + _gate_input(x_ptr, 0, H, own_mask, ACC), CELL)
+            h_new = rnn_cell(a0 + _gate_input(x_ptr, 0, H, io_mask, ACC), CELL)
             c_new = c
         y = h_new
-        if HAS_LEN:
-            # Past its length a sequence keeps its state and outputs zeros, as torch's padded output.
-            active = (t < lengths)[:, None]
+        if PACKED:
+            # Past its length a sequence keeps its state (and has no output row).
             h_new = tl.where(active, h_new, h_own)
             c_new = tl.where(active, c_new, c)
-            y = tl.where(active, y, 0.0)
         if SAVE:
-            a_ptr = act_ptr + ((t.to(tl.int64) * B + rows64[:, None]) * D + d) * (G + 1) * H + units[None, :]
+            a_ptr = act_ptr + seq_offsets(off_ptr, t, rows64, B * D * (G + 1) * H, D * (G + 1) * H, PACKED)[:, None] \
+                + d * (G + 1) * H + units[None, :]
             if CELL == LSTM:
-                _save(a_ptr, 0, H, si, own_mask)
-                _save(a_ptr, 1, H, sf, own_mask)
-                _save(a_ptr, 2, H, tg, own_mask)
-                _save(a_ptr, 3, H, so, own_mask)
-                _save(a_ptr, 4, H, c_new, own_mask)  # the state: carried unchanged past a length
+                _save(a_ptr, 0, H, si, io_mask)
+                _save(a_ptr, 1, H, sf, io_mask)
+                _save(a_ptr, 2, H, tg, io_mask)
+                _save(a_ptr, 3, H, so, io_mask)
+                _save(a_ptr, 4, H, c_new, io_mask)
             elif CELL == GRU:
-                _save(a_ptr, 0, H, r, own_mask)
-                _save(a_ptr, 1, H, z, own_mask)
-                _save(a_ptr, 2, H, n, own_mask)
-                _save(a_ptr, 3, H, n_h, own_mask)
-        tl.store(out_ptr + t.to(tl.int64) * stride_ot + rows64[:, None] * stride_ob + d * H + units[None, :],
-                 y.to(out_ptr.dtype.element_ty), mask=own_mask)
+                _save(a_ptr, 0, H, r, io_mask)
+                _save(a_ptr, 1, H, z, io_mask)
+                _save(a_ptr, 2, H, n, io_mask)
+                _save(a_ptr, 3, H, n_h, io_mask)
+        tl.store(out_ptr + seq_offsets(off_ptr, t, rows64, stride_ot, stride_ob, PACKED)[:, None] + d * H
+                 + units[None, :], y.to(out_ptr.dtype.element_ty), mask=io_mask)
         nxt = hbuf_ptr + ((s + 1) % 2) * slot
         tl.store(nxt + state_rows + units[None, :], h_new, mask=own_mask)
         if SYNC:
-            grid_sync(sync_ptr + d * tl.num_programs(1) + pid_b, n_prog * (s - t0 + 1))
+            grid_sync(sync_ptr + d * tl.num_programs(1) + pid_b, n_prog * (s - s_start + 1))
         else:
             tl.debug_barrier()
         if RESIDENT:
@@ -241,10 +274,13 @@ def rnn_fwd_kernel(
         h_own = h_new
         c = c_new
 
-    tl.store(hn_ptr + state_rows + units[None, :], h_own.to(hn_ptr.dtype.element_ty), mask=own_mask)
+    # A launch that ran no step (a stepwise launch outside this tile's active steps) leaves the
+    # state alone.
+    final_mask = own_mask & (s_start < s_end)
+    tl.store(hn_ptr + state_rows + units[None, :], h_own.to(hn_ptr.dtype.element_ty), mask=final_mask)
     if CELL == LSTM:
-        tl.store(cn_ptr + state_rows + units[None, :], c.to(cn_ptr.dtype.element_ty), mask=own_mask)
-        tl.store(cbuf_ptr + state_rows + units[None, :], c, mask=own_mask)
+        tl.store(cn_ptr + state_rows + units[None, :], c.to(cn_ptr.dtype.element_ty), mask=final_mask)
+        tl.store(cbuf_ptr + state_rows + units[None, :], c, mask=final_mask)
 
 
 @dataclass(frozen=True)
@@ -284,21 +320,22 @@ def _co_resident(compiled, n_programs: int, device: torch.device) -> bool:
 
 
 class ForwardResult(NamedTuple):
-    out: torch.Tensor  # [T, B, D*H] ([B, T, D*H] when batch_first)
+    out: torch.Tensor  # [T, B, D*H] ([B, T, D*H] when batch_first; [N, D*H] when packed)
     h_n: torch.Tensor  # [D, B, H]
     c_n: torch.Tensor | None  # [D, B, H], LSTM only
     info: "LaunchInfo"
-    saved: torch.Tensor | None  # [T, B, D, G+1, H] in the input dtype (save=True, LSTM/GRU)
+    saved: torch.Tensor | None  # [T, B, D, G+1, H] ([N, D, G+1, H] packed), input dtype (save=True, LSTM/GRU)
 
 
 def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias, b_hn, h0, c0,
-            lengths, batch_first: bool, config: ForwardConfig | None = None, out=None, hn=None, cn=None,
-            save: bool = False, first_step=None) -> ForwardResult:
+            packing: Packing | None, batch_first: bool, config: ForwardConfig | None = None, out=None, hn=None,
+            cn=None, save: bool = False, first_step=None) -> ForwardResult:
     """Run one layer, every direction in one launch (or one launch per step).
 
-    x: [T, B, I] ([B, T, I] when batch_first); w_ih: [D*G*H, I] (directions stacked);
-    w_hh: [D, G*H, H]; bias: [D*G*H] or None (b_ih + b_hh, except GRU's b_hn); b_hn: [D, H] or None;
-    h0, c0: [D, B, H] or None (zeros); lengths: [B] int32 on x's device or None.
+    x: [T, B, I] ([B, T, I] when batch_first), or with ``packing`` the data of a PackedSequence
+    [N, I] (then in and out stay packed, and the input projection covers real tokens only);
+    w_ih: [D*G*H, I] (directions stacked); w_hh: [D, G*H, H]; bias: [D*G*H] or None (b_ih + b_hh,
+    except GRU's b_hn); b_hn: [D, H] or None; h0, c0: [D, B, H] or None (zeros).
     config: the partition; None takes the tuned one (autotuning on first use of a shape on CUDA,
     unless RNN_AUTOTUNE=0) or the heuristic default.
     out, hn, cn: optional preallocated outputs (tests poison them).
@@ -306,23 +343,32 @@ def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     first_step: [D, B, G*H] or None, added to each direction's input projection at its first step
         (LSTM with proj_size runs on m = o * tanh(c) and folds h0 W_hh^T in here).
     """
-    layer = _Layer(cell, x, w_ih, w_hh, bias, b_hn, h0, c0, lengths, batch_first, first_step)
+    layer = _Layer(cell, x, w_ih, w_hh, bias, b_hn, h0, c0, packing, batch_first, first_step)
     out = layer.empty_out() if out is None else out
     hn = torch.empty(layer.D, layer.B, layer.H, dtype=x.dtype, device=x.device) if hn is None else hn
     if layer.cell == Cell.LSTM and cn is None:
         cn = torch.empty_like(hn)
     saved = None
     if save and layer.cell in (Cell.LSTM, Cell.GRU):
-        saved = torch.empty(layer.T, layer.B, layer.D, layer.cell.gates + 1, layer.H, dtype=x.dtype, device=x.device)
+        rows = (packing.rows,) if packing is not None else (layer.T, layer.B)
+        saved = torch.empty(*rows, layer.D, layer.cell.gates + 1, layer.H, dtype=x.dtype, device=x.device)
     cfg = config or _tuned_or_default(layer)
     info = layer.launch(cfg, out, hn, cn, saved=saved)
     return ForwardResult(out, hn, cn if layer.cell == Cell.LSTM else None, info, saved)
 
 
+def layout_strides(seq: torch.Tensor, packing: Packing | None, batch_first: bool) -> tuple:
+    """(time stride, sequence stride) of a padded [T, B, F] / [B, T, F] tensor; for packed data
+    [N, F] (0, row stride)."""
+    if packing is not None:
+        return 0, seq.stride(0)
+    return (seq.stride(1), seq.stride(0)) if batch_first else (seq.stride(0), seq.stride(1))
+
+
 class _Layer:
     """One layer's inputs with the input projection done: what every launch of it shares."""
 
-    def __init__(self, cell, x, w_ih, w_hh, bias, b_hn, h0, c0, lengths, batch_first, first_step=None):
+    def __init__(self, cell, x, w_ih, w_hh, bias, b_hn, h0, c0, packing, batch_first, first_step=None):
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"rnn_fwd: unsupported dtype {x.dtype}")
         self.cell = Cell(cell)
@@ -333,12 +379,15 @@ class _Layer:
         self.interpreting = env.interpreting()
         if x.device.type != "cuda" and not self.interpreting:
             raise RuntimeError("rnn_fwd: Triton kernels need a CUDA tensor or TRITON_INTERPRET=1")
-        self.T, self.B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
-        self.batch_first, self.device, self.dtype = batch_first, x.device, x.dtype
-        self.w_hh, self.b_hn, self.h0, self.c0, self.lengths = w_hh, b_hn, h0, c0, lengths
+        if packing is not None:
+            self.T, self.B = packing.steps, packing.batch
+        else:
+            self.T, self.B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
+        self.packing, self.batch_first, self.device, self.dtype = packing, batch_first, x.device, x.dtype
+        self.w_hh, self.b_hn, self.h0, self.c0 = w_hh, b_hn, h0, c0
         x2d = x.reshape(-1, x.shape[-1])
         xw = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
-        self.xw = xw.view(x.shape[0], x.shape[1], self.D * G * self.H)
+        self.xw = xw.view(*x.shape[:-1], self.D * G * self.H)
         if first_step is not None:
             self._add_first_step(first_step)
         self.precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda
@@ -346,17 +395,23 @@ class _Layer:
 
     def _add_first_step(self, first_step):
         """Add first_step[d] ([B, G*H]) to direction d's input projection at its first step: time
-        0 forward; time T-1 in reverse, or each sequence's own last time when lengths are given."""
+        0 forward; in reverse each sequence's last time (T-1 unless packed)."""
         GH = self.cell.gates * self.H
+        seqs = torch.arange(self.B, device=self.device)
+        if self.packing is not None:
+            self.xw[:self.B, :GH] += first_step[0]  # every sequence has a row at time 0, in order
+            if self.D == 2:
+                last = self.packing.lengths.long() - 1
+                self.xw[self.packing.row(last, seqs), GH:] += first_step[1]
+            return
         xw = self.xw.transpose(0, 1) if self.batch_first else self.xw  # [T, B, D*G*H] view
         xw[0, :, :GH] += first_step[0]
         if self.D == 2:
-            last = (self.lengths.long() - 1) if self.lengths is not None else \
-                torch.full((self.B,), self.T - 1, device=self.device, dtype=torch.long)
-            rows = torch.arange(self.B, device=self.device)
-            xw[last, rows, GH:] += first_step[1]
+            xw[self.T - 1, :, GH:] += first_step[1]
 
     def empty_out(self, steps=None):
+        if self.packing is not None:
+            return torch.empty(self.packing.rows, self.D * self.H, dtype=self.dtype, device=self.device)
         T = self.T if steps is None else steps
         shape = (self.B, T) if self.batch_first else (T, self.B)
         return torch.empty(*shape, self.D * self.H, dtype=self.dtype, device=self.device)
@@ -366,12 +421,13 @@ class _Layer:
                                       self.D, _sm_count(self.device))
 
     def launch(self, cfg: ForwardConfig, out, hn, cn, steps=None, saved=None) -> LaunchInfo:
-        """Run the first ``steps`` timesteps (all by default) with partition ``cfg``; fill
-        ``saved`` for backward when given."""
+        """Run the first ``steps`` timesteps (all by default; padded inputs only) with partition
+        ``cfg``; fill ``saved`` for backward when given."""
         T, B, H, D = (self.T if steps is None else steps), self.B, self.H, self.D
         xw = self.xw if steps is None else (self.xw[:, :steps] if self.batch_first else self.xw[:steps])
+        packing = self.packing
         meta = kernel_meta(self.cell, D, H, cfg, has_h0=self.h0 is not None, has_c0=self.c0 is not None,
-                           has_len=self.lengths is not None, has_bhn=self.b_hn is not None,
+                           packed=packing is not None, has_bhn=self.b_hn is not None,
                            upcast=self.interpreting and self.dtype == torch.bfloat16, precision=self.precision,
                            save=saved is not None)
         n_h = triton.cdiv(H, cfg.hidden_block)
@@ -383,14 +439,14 @@ class _Layer:
         is_lstm = self.cell == Cell.LSTM
         cbuf = torch.empty(D, B, H, dtype=acc, device=self.device) if is_lstm else hbuf
         sync = torch.zeros(grid[1] * D, dtype=torch.int32, device=self.device)
-        # Unused pointers get a valid tensor; their loads are compiled out by the HAS_* flags.
+        # Unused pointers get a valid tensor; their loads are compiled out by the constexpr flags.
         dummy = hbuf
-        args = tuple(t if t is not None else dummy for t in (xw, self.w_hh, self.b_hn, self.h0, self.c0, self.lengths,
-                                                           out, hn, cn if is_lstm else None, hbuf, cbuf, sync,
-                                                           saved))
+        lengths, offsets = (packing.lengths, packing.offsets) if packing is not None else (None, None)
+        args = tuple(t if t is not None else dummy for t in (xw, self.w_hh, self.b_hn, self.h0, self.c0, lengths,
+                                                           offsets, out, hn, cn if is_lstm else None, hbuf, cbuf,
+                                                           sync, saved))
         args += (T, B, H)
-        strides = (xw.stride(1), xw.stride(0)) if self.batch_first else (xw.stride(0), xw.stride(1))
-        strides += (out.stride(1), out.stride(0)) if self.batch_first else (out.stride(0), out.stride(1))
+        strides = layout_strides(xw, packing, self.batch_first) + layout_strides(out, packing, self.batch_first)
         persistent = _choose_persistent(rnn_fwd_kernel, cfg, grid, args, strides, meta, self.device,
                                         self.interpreting)
         if persistent:
@@ -427,6 +483,8 @@ def _tuned_or_default(layer: _Layer) -> ForwardConfig:
     key = _tuning_key(layer)
     cfg = autotune_cache().get(key)
     if cfg is None:
+        if layer.packing is not None:  # a packed batch runs as tuned for its padded shape
+            return layer.default_config()
         cfg, _ = _tune(layer, key)
     return cfg
 
@@ -480,7 +538,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
 
 
-def kernel_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool, has_c0: bool, has_len: bool,
+def kernel_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool, has_c0: bool, packed: bool,
                 has_bhn: bool, upcast: bool, precision: str, save: bool = False) -> dict:
     """The constexprs and launch options of rnn_fwd_kernel for one layer and config (all but
     SYNC, which depends on the launch mode)."""
@@ -491,10 +549,22 @@ def kernel_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool,
                          + ("" if fused else "; use at least 16, or fused_gates for LSTM/GRU"))
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
                 KB=min(cfg.k_block or k_block(H), k_block(H)), FUSED=fused, HAS_H0=has_h0, HAS_C0=has_c0,
-                HAS_LEN=has_len, HAS_BHN=has_bhn, UPCAST=upcast, PRECISION=precision, SAVE=save,
+                PACKED=packed, HAS_BHN=has_bhn, UPCAST=upcast, PRECISION=precision, SAVE=save,
                 num_warps=cfg.num_warps,
+                # Streaming W_hh, ptxas tends to cap itself at 128 registers and spill; given the
+                # budget it does not (sm_90 compiles). Resident slices fare better without one.
+                maxnreg=None if meta_resident(H, cfg) else max_registers(cfg.num_warps),
                 # No software pipelining: it could hoist the next step's h load above the barrier.
                 num_stages=1)
+
+
+def meta_resident(H: int, cfg: ForwardConfig) -> bool:
+    return cfg.k_block is None or cfg.k_block >= k_block(H)
+
+
+def max_registers(num_warps: int) -> int:
+    """All the registers a thread may have with one program per SM (what persistent grids assume)."""
+    return min(255, 65536 // (32 * num_warps))
 
 
 def _choose_persistent(kernel, cfg, grid, args, strides, meta, device, interpreting) -> bool:

@@ -29,6 +29,7 @@ class Case:
     proj_size: int = 0
     dtype: str = "bf16"
     pass_: str = "fwd"
+    packed: bool = False  # a PackedSequence of lengths uniform in [T/4, T] (see lengths())
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -52,7 +53,25 @@ class Case:
             parts.append("bi")
         if self.proj_size:
             parts.append(f"P{self.proj_size}")
+        if self.packed:
+            parts.append("packed")
         return "-".join(parts + [self.dtype, self.pass_])
+
+    def lengths(self) -> torch.Tensor | None:
+        """Per-sequence lengths of a packed case, uniform in [T/4, T] with the longest = T, the
+        same for every run of the case; None when not packed."""
+        if not self.packed:
+            return None
+        generator = torch.Generator().manual_seed(self.T * 1009 + self.B)
+        lengths = torch.randint(max(1, self.T // 4), self.T + 1, (self.B,), generator=generator)
+        lengths[0] = self.T
+        return lengths
+
+    @property
+    def tokens(self) -> int:
+        """Real (time, sequence) pairs: T*B, or the sum of the lengths when packed."""
+        lengths = self.lengths()
+        return self.T * self.B if lengths is None else int(lengths.sum())
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -66,20 +85,20 @@ class Case:
 def matmul_flops(case: Case) -> int:
     """FLOPs of the matrix products (2 per multiply-add), the only work counted in TFLOP/s.
 
-    Per layer, direction and step: the input projection 2*B*I_l*G*H, the recurrent product
-    2*B*H_out*G*H and, with proj_size, the projection 2*B*H*P; I_l is the input size for layer 0
-    and D*H_out above it. A backward pass costs twice its forward (the gradients of the inputs and
-    of the weights), so fwdbwd counts three times the forward.
+    Per layer, direction and token: the input projection 2*I_l*G*H, the recurrent product
+    2*H_out*G*H and, with proj_size, the projection 2*H*P; I_l is the input size for layer 0 and
+    D*H_out above it. Tokens are T*B (the real ones when packed). A backward pass costs twice its
+    forward (the gradients of the inputs and of the weights), so fwdbwd counts three times.
     """
     G = GATES[case.cell]
     D = 2 if case.bidirectional else 1
     H = case.hidden_size
     H_out = case.proj_size or H
-    per_step = 0
+    per_token = 0
     for layer in range(case.num_layers):
         in_size = case.input_size if layer == 0 else D * H_out
-        per_step += D * (2 * case.B * G * H * (in_size + H_out) + 2 * case.B * H * case.proj_size)
-    forward = case.T * per_step
+        per_token += D * (2 * G * H * (in_size + H_out) + 2 * H * case.proj_size)
+    forward = case.tokens * per_token
     return forward if case.pass_ == "fwd" else 3 * forward
 
 
@@ -99,11 +118,17 @@ SUITES = {
     "stacked": _grid(("LSTM", "GRU"), ("bf16",), (256,), (16, 64), (256, 512), layers=(2, 4),
                      bidirectional=(False, True)),
     "training": _grid(("LSTM", "GRU"), ("bf16", "fp16"), (512,), (8, 16, 64), (256, 512, 1024), passes=("fwdbwd",)),
+    # Variable-length batches against their padded twins, and LSTM projections.
+    "packed": ([replace(c, packed=packed) for c in _grid(("LSTM",), ("bf16", "fp16"), (512,), (64,), (512,),
+                                                         passes=PASSES, layers=(2,), bidirectional=(True,))
+                for packed in (False, True)]
+               + [Case("LSTM", 1024, 16, 1024, 1024, proj_size=256, dtype=dt) for dt in ("bf16", "fp16")]),
     # Without CUDA: our reference path against torch.nn on the CPU, at small sizes.
     "cpu": (_grid(("LSTM", "GRU", "RNN_TANH"), ("fp32",), (32,), (1, 8), (32, 64))
-            + [Case("LSTM", 32, 8, 32, 64, num_layers=2, bidirectional=True, dtype="fp32", pass_="fwdbwd")]),
+            + [Case("LSTM", 32, 8, 32, 64, num_layers=2, bidirectional=True, dtype="fp32", pass_="fwdbwd"),
+               Case("GRU", 32, 8, 32, 32, bidirectional=True, dtype="fp32", packed=True)]),
 }
-SUITES["all"] = list(dict.fromkeys(c for name in ("quick", "latency", "throughput", "stacked", "training")
+SUITES["all"] = list(dict.fromkeys(c for name in ("quick", "latency", "throughput", "stacked", "training", "packed")
                                    for c in SUITES[name]))
 
 

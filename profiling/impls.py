@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn
 from profiling.cases import Case
@@ -45,20 +46,28 @@ def case_input(case: Case, device) -> torch.Tensor:
 
 def _runner_for(model, x, case: Case) -> Runner:
     """Eager step of a module returning (output, state): no grad for fwd; for fwdbwd backward of
-    the sum of the outputs."""
+    the sum of the outputs. A packed case feeds a PackedSequence (packed inside the step, as a
+    user's loop would) and measures its data."""
+    lengths = case.lengths()
+    if case.pass_ == "fwdbwd":
+        x = x.detach().requires_grad_(True)
+
+    def run():
+        if lengths is None:
+            return model(x)[0]
+        return model(pack_padded_sequence(x, lengths, enforce_sorted=False))[0].data
+
     if case.pass_ == "fwd":
         def step():
             with torch.no_grad():
-                return model(x)
+                return run()
     else:
-        x = x.detach().requires_grad_(True)
-
         def step():
-            model(x)[0].float().sum().backward()
+            run().float().sum().backward()
 
     def output():
         with torch.no_grad():
-            return model(x)[0]
+            return run()
 
     def prepare():
         model.zero_grad(set_to_none=True)
@@ -163,10 +172,11 @@ class Impl:
 REGISTRY = {
     "ours": Impl(build_ours, "rnn.RNN/LSTM/GRU (fused Triton kernels on CUDA)", ("cuda", "cpu")),
     "cudnn": Impl(build_torch_nn, "torch.nn eager (cuDNN)", ("cuda",)),
-    "cudnn_graph": Impl(build_cudnn_graph, "torch.nn captured in a CUDA graph", ("cuda",)),
+    "cudnn_graph": Impl(build_cudnn_graph, "torch.nn captured in a CUDA graph", ("cuda",),
+                        supports=lambda case: not case.packed),
     "torch_nn": Impl(build_torch_nn, "torch.nn on the CPU", ("cpu",)),
     "torch_loop": Impl(build_torch_loop, "plain PyTorch nn.*Cell loop over time", ("cuda", "cpu"),
-                       supports=lambda case: not case.proj_size),  # the cells have no projection
+                       supports=lambda case: not case.proj_size and not case.packed),  # cells: no projection
 }
 
 # What the error column and the speed-up ratios compare against, per device type.

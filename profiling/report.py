@@ -11,7 +11,7 @@ CSV (long format, one row per case x implementation x metric), columns in this o
 | suite | the named suite |
 | case_id | e.g. ``LSTM-T512-B16-I512-H512-bf16-fwd`` |
 | impl | ours, cudnn, cudnn_graph, torch_nn (CPU only), torch_loop |
-| cell, T, B, input_size, hidden_size, num_layers, bidirectional, proj_size, dtype, pass | the case |
+| cell, T, B, input_size, hidden_size, num_layers, bidirectional, proj_size, dtype, pass, packed | the case (packed: lengths uniform in [T/4, T]) |
 | metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err (see METRICS) |
 | unit | the metric's unit |
 | median, p20, p80 | the value: median and 20th/80th percentiles over timed repeats (memory and error: one value in median) |
@@ -31,13 +31,13 @@ from profiling.cases import Case, matmul_flops
 METRICS = {
     "time_ms": "ms",
     "us_per_step": "us",
-    "tokens_per_s": "tokens/s",  # T*B per second
+    "tokens_per_s": "tokens/s",  # real tokens (T*B, or the packed lengths' sum) per second
     "tflops": "TFLOP/s",  # profiling.cases.matmul_flops over the median time
     "peak_mem_mib": "MiB",  # above model and inputs; the pass column says inference (fwd) or training
     "rel_err": "1",  # ||output - baseline output|| / ||baseline output|| on the same inputs
 }
 CASE_COLUMNS = ["cell", "T", "B", "input_size", "hidden_size", "num_layers", "bidirectional", "proj_size",
-                "dtype", "pass"]
+                "dtype", "pass", "packed"]
 SCHEMA = (["timestamp", "git_commit", "device", "torch_version", "triton_version", "cudnn_version", "suite",
            "case_id", "impl"] + CASE_COLUMNS + ["metric", "unit", "median", "p20", "p80", "backend", "config",
                                                 "status"])
@@ -74,7 +74,7 @@ def metric_rows(meta: dict, case: Case, impl: str, times, memory: float, rel_err
         "time_ms": (med, p20, p80),
         "us_per_step": tuple(t * 1e3 / case.T for t in (med, p20, p80)),
         # faster times give larger rates: the 20th percentile of a rate comes from the 80th of time
-        "tokens_per_s": tuple(case.T * case.B / (t / 1e3) for t in (med, p80, p20)),
+        "tokens_per_s": tuple(case.tokens / (t / 1e3) for t in (med, p80, p20)),
         "tflops": tuple(flops / (t / 1e3) / 1e12 for t in (med, p80, p20)),
         "peak_mem_mib": (memory, math.nan, math.nan),
         "rel_err": (rel_err, math.nan, math.nan),
@@ -133,7 +133,7 @@ def plots(frame: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
         return []
     data = frame[(frame.metric == "us_per_step") & (frame.status == "ok")]
     written = []
-    keys = ["cell", "dtype", "pass", "hidden_size", "num_layers", "bidirectional", "T"]
+    keys = ["cell", "dtype", "pass", "hidden_size", "num_layers", "bidirectional", "T", "packed"]
     for key, group in data.groupby(keys):
         if group.B.nunique() < 2:
             continue
@@ -141,14 +141,14 @@ def plots(frame: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
         for impl, lines in group.groupby("impl"):
             lines = lines.sort_values("B")
             ax.plot(lines.B, lines["median"], marker="o", label=impl)
-        cell, dtype, pass_, H, L, bi, T = key
+        cell, dtype, pass_, H, L, bi, T, packed = key
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="us per step",
-               title=f"{cell} H={H} L={L}{' bi' if bi else ''} T={T} {dtype} {pass_}")
+               title=f"{cell} H={H} L={L}{' bi' if bi else ''} T={T}{' packed' if packed else ''} {dtype} {pass_}")
         batches = sorted(group.B.unique())
         ax.set_xticks(batches, [str(b) for b in batches])
         ax.minorticks_off()
         ax.legend()
-        path = out_dir / f"{stem}-{cell}-H{H}-L{L}{'-bi' if bi else ''}-T{T}-{dtype}-{pass_}.png"
+        path = out_dir / f"{stem}-{cell}-H{H}-L{L}{'-bi' if bi else ''}-T{T}{'-packed' if packed else ''}-{dtype}-{pass_}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)

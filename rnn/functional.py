@@ -11,6 +11,7 @@ from kernels import env
 from kernels.cells import Cell
 from kernels.backward import rnn_bwd
 from kernels.forward import SUPPORTED_DTYPES, LaunchInfo, rnn_fwd
+from kernels.packing import Packing
 from rnn import reference
 
 
@@ -47,15 +48,14 @@ class FusedRNNLayer(torch.autograd.Function):
     activations when a gradient will be needed), rnn_bwd backward."""
 
     @staticmethod
-    def forward(ctx, cell, lengths, batch_first, record, save, x, h0, c0, *flat):
+    def forward(ctx, cell, packing, batch_first, record, save, x, h0, c0, *flat):
         w_ih, w_hh, bias, b_hn = _stack_weights(cell, _group(flat, True, False))
-        lengths_dev = lengths.to(device=x.device, dtype=torch.int32) if lengths is not None else None
         h0 = h0.contiguous() if h0 is not None else None
         c0 = c0.contiguous() if c0 is not None else None
-        result = rnn_fwd(cell, x, w_ih, w_hh.contiguous(), bias, b_hn, h0, c0, lengths_dev, batch_first, save=save)
+        result = rnn_fwd(cell, x, w_ih, w_hh.contiguous(), bias, b_hn, h0, c0, packing, batch_first, save=save)
         record.append(result.info)
         if save:
-            ctx.cell, ctx.lengths, ctx.batch_first = cell, lengths_dev, batch_first
+            ctx.cell, ctx.packing, ctx.batch_first = cell, packing, batch_first
             ctx.has_bias = flat[2] is not None
             ctx.save_for_backward(x, h0, c0, result.out, result.saved, *flat)
             ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros made
@@ -70,7 +70,7 @@ class FusedRNNLayer(torch.autograd.Function):
         weights = _group(flat, True, False)
         w_ih, w_hh, _, _ = _stack_weights(ctx.cell, weights)
         needs = ctx.needs_input_grad
-        g = rnn_bwd(ctx.cell, x, w_ih, w_hh.contiguous(), h0, c0, ctx.lengths, out, saved, d_out, d_hn, d_cn,
+        g = rnn_bwd(ctx.cell, x, w_ih, w_hh.contiguous(), h0, c0, ctx.packing, out, saved, d_out, d_hn, d_cn,
                     ctx.batch_first, need_dx=needs[5])
         GH = w_hh.shape[1]
         grads = []
@@ -93,21 +93,20 @@ class FusedLSTMProjLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, lengths, batch_first, record, save, x, h0, c0, *flat):
+    def forward(ctx, packing, batch_first, record, save, x, h0, c0, *flat):
         groups = _group(flat, True, True)
         w_ih, w_hh, bias, _ = _stack_weights(Cell.LSTM, [g[:4] for g in groups])  # w_hh [D, 4H, P]
         w_hr = torch.stack([g[4] for g in groups])  # [D, P, H]
-        lengths_dev = lengths.to(device=x.device, dtype=torch.int32) if lengths is not None else None
         first = torch.bmm(h0, w_hh.transpose(1, 2)) if h0 is not None else None
         c0 = c0.contiguous() if c0 is not None else None
-        result = rnn_fwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), bias, None, None, c0, lengths_dev, batch_first,
+        result = rnn_fwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), bias, None, None, c0, packing, batch_first,
                          save=save, first_step=first)
         record.append(result.info)
         m, m_n = result.out, result.h_n
         out = _project(m, w_hr)
         h_n = torch.bmm(m_n, w_hr.transpose(1, 2))
         if save:
-            ctx.lengths, ctx.batch_first, ctx.has_bias = lengths_dev, batch_first, flat[2] is not None
+            ctx.packing, ctx.batch_first, ctx.has_bias = packing, batch_first, flat[2] is not None
             ctx.save_for_backward(x, h0, c0, m, m_n, result.saved, *flat)
             ctx.set_materialize_grads(False)
         return out, h_n, result.c_n
@@ -125,7 +124,7 @@ class FusedLSTMProjLayer(torch.autograd.Function):
         # The gradient reaching m through the projection of the outputs and of h_n.
         d_m = _project(d_out, w_hr.transpose(1, 2)) if d_out is not None else None
         d_mn = torch.bmm(d_hn, w_hr) if d_hn is not None else None
-        g = rnn_bwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), None, c0, ctx.lengths, m, saved, d_m, d_mn, d_cn,
+        g = rnn_bwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), None, c0, ctx.packing, m, saved, d_m, d_mn, d_cn,
                     ctx.batch_first, need_dx=ctx.needs_input_grad[4])
         d_w_eff = g.dw_hh  # [D, 4H, H]
         d_w_hh = torch.bmm(d_w_eff, w_hr.transpose(1, 2))
@@ -137,7 +136,7 @@ class FusedLSTMProjLayer(torch.autograd.Function):
         d_h0 = None
         if h0 is not None:
             # h0 entered through each direction's first step: h0 W_hh^T.
-            d_first = _first_steps(g.dg, ctx.lengths)  # [D, B, 4H]
+            d_first = _first_steps(g.dg, ctx.packing, h0.shape[1])  # [D, B, 4H]
             d_h0 = torch.bmm(d_first, w_hh)
             d_w_hh += torch.bmm(d_first.transpose(1, 2), h0)
         grads = []
@@ -160,14 +159,17 @@ def _project(seq, w):
     return out.reshape(*out.shape[:-2], -1)
 
 
-def _first_steps(dg, lengths):
-    """Gate gradients at each direction's first step, [D, B, 4H], from dg [T, B, D, 4, H]: time 0
-    forward; time T-1 in reverse, or each sequence's own last time."""
-    T, B, D = dg.shape[:3]
-    first = [dg[0, :, 0]]
-    if D == 2:
-        last = lengths.long() - 1 if lengths is not None else torch.full((B,), T - 1, device=dg.device)
-        first.append(dg[last, torch.arange(B, device=dg.device), 1])
+def _first_steps(dg, packing, B):
+    """Gate gradients at each direction's first step, [D, B, 4H], from dg ([T, B, D, 4, H], or
+    packed [N, D, 4, H]): time 0 forward; in reverse each sequence's last time (T-1 unless packed)."""
+    D = dg.shape[-3]
+    if packing is not None:
+        first = [dg[:B, 0]]  # every sequence has a row at time 0, in order
+        if D == 2:
+            seqs = torch.arange(B, device=dg.device)
+            first.append(dg[packing.row(packing.lengths.long() - 1, seqs), 1])
+    else:
+        first = [dg[0, :, 0]] + ([dg[-1, :, 1]] if D == 2 else [])
     return torch.stack(first).reshape(D, B, -1)
 
 
@@ -208,13 +210,15 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
     """
     D = 2 if bidirectional else 1
     packed = isinstance(input, PackedSequence)
-    if packed:
-        x, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes), batch_first=batch_first)
-    else:
-        x, lengths = input, None
     h0, c0 = (hx if hx is not None else (None, None)) if cell == Cell.LSTM else (hx, None)
+    path = choose_backend(input.data if packed else input)
+    x, lengths, packing = input, None, None
+    if packed and path.backend == "triton":
+        # The kernels read and write torch's packed layout directly: real tokens only.
+        x, packing = input.data, Packing.from_batch_sizes(input.batch_sizes, input.data.device)
+    elif packed:
+        x, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes), batch_first=batch_first)
 
-    path = choose_backend(x)
     per_direction = 2 + 2 * has_bias + (proj_size > 0)
     per_layer = per_direction * D
     h_ns, c_ns = [], []
@@ -229,9 +233,9 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
                 flat = [t for w in _group(flat, has_bias, False) for t in w[:4]]
             save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *states, *flat))
             if proj_size:
-                x, h_n, c_n = FusedLSTMProjLayer.apply(lengths, batch_first, path.launches, save, x, *states, *flat)
+                x, h_n, c_n = FusedLSTMProjLayer.apply(packing, batch_first, path.launches, save, x, *states, *flat)
             else:
-                x, h_n, c_n = FusedRNNLayer.apply(cell, lengths, batch_first, path.launches, save, x, *states, *flat)
+                x, h_n, c_n = FusedRNNLayer.apply(cell, packing, batch_first, path.launches, save, x, *states, *flat)
         else:
             x, h_n, c_n = reference.layer_forward(cell, x, *states, lengths, _group(flat, has_bias, proj_size > 0),
                                                   batch_first)
@@ -242,7 +246,7 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
     h_n = torch.cat(h_ns)
     c_n = torch.cat(c_ns) if cell == Cell.LSTM else None
     if packed:
-        data = pack_padded_sequence(x, lengths, batch_first=batch_first).data
+        data = x if packing is not None else pack_padded_sequence(x, lengths, batch_first=batch_first).data
         x = PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
     return x, h_n, c_n, path
 

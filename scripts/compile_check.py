@@ -29,8 +29,8 @@ ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, flags: dict | None = None,
                  kernel: str = "fwd") -> dict:
     """Compile rnn_fwd_kernel (kernel="fwd"; flags may add save=True) or rnn_bwd_kernel ("bwd")
-    for sm_90 with every optional input present (the most code) unless ``flags`` says otherwise;
-    returns {regs, spills (bytes), shared (bytes)}."""
+    for sm_90 with every optional input present, on padded sequences, unless ``flags`` says
+    otherwise (packed=True: torch's packed layout); returns {regs, spills (bytes), shared (bytes)}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -43,13 +43,13 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
     precision = "tf32" if dtype == "fp32" else "ieee"
     if kernel == "fwd":
         fn = rnn_fwd_kernel
-        options = dict(has_h0=True, has_c0=cell == Cell.LSTM, has_len=True, has_bhn=cell == Cell.GRU)
+        options = dict(has_h0=True, has_c0=cell == Cell.LSTM, packed=False, has_bhn=cell == Cell.GRU)
         options.update(flags or {})
         meta = kernel_meta(cell, D, H, cfg, upcast=False, precision=precision, **options)
         acc_args = ("hbuf_ptr", "cbuf_ptr")
     else:
         fn = rnn_bwd_kernel
-        options = dict(has_h0=True, has_c0=cell == Cell.LSTM, has_len=True, has_dout=True, has_dhn=True,
+        options = dict(has_h0=True, has_c0=cell == Cell.LSTM, packed=False, has_dout=True, has_dhn=True,
                        has_dcn=cell == Cell.LSTM)
         options.update(flags or {})
         meta = backward_meta(cell, D, H, cfg, upcast=False, precision=precision, **options)
@@ -63,6 +63,8 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
             signature[arg] = "constexpr"
         elif arg in ("len_ptr", "sync_ptr"):
             signature[arg] = "*i32"
+        elif arg == "off_ptr":
+            signature[arg] = "*i64"
         elif arg in acc_args:
             signature[arg] = "*fp64" if dtype == "fp64" else "*fp32"
         elif arg.endswith("_ptr"):
@@ -92,8 +94,9 @@ def _ptxas_report(ptx_text: str) -> dict:
 def variants(quick: bool, space: bool):
     """(name, kernel, cell, dtype, H, config, sync, is_default, flags) of each variant worth compiling.
 
-    Per size: the forward default for inference (with and without the grid barrier) and with
-    SAVE (training), the backward default (both modes), and with --space every forward candidate.
+    Per size: the forward default for inference (with and without the grid barrier), with SAVE
+    (training) and on packed sequences, the backward default (both modes, and packed), and with
+    --space every forward candidate.
     """
     from kernels.cells import Cell
     from kernels.configs import (TUNED_SIZES, candidate_configs, default_backward_config, default_forward_config,
@@ -108,26 +111,28 @@ def variants(quick: bool, space: bool):
         elt = ELEMENT_SIZE[dtype]
         default = default_forward_config(H, B, cell.gates, elt, False, D)
         jobs = [("fwd", default, True, sync, None) for sync in (False, True)]
-        jobs.append(("fwd", default, True, True, {"save": True}))
-        jobs += [("bwd", default_backward_config(H, B, cell.gates, elt, False, D), True, sync, None)
-                 for sync in (False, True)]
+        jobs += [("fwd", default, True, True, {"save": True}), ("fwd", default, True, True, {"packed": True})]
+        backward = default_backward_config(H, B, cell.gates, elt, False, D)
+        jobs += [("bwd", backward, True, sync, None) for sync in (False, True)]
+        jobs.append(("bwd", backward, True, True, {"packed": True}))
         if space:
             jobs += [("fwd", cfg, False, True, None) for cfg in candidate_configs(H, B, cell.gates, elt, D)]
         for kernel, cfg, is_default, sync, flags in jobs:
             # The code depends on H only through its power-of-two padding.
-            key = (kernel, cell, dtype, k_block(H), cfg, sync, bool(flags))
-            if key in seen or (not is_default and (kernel, cell, dtype, k_block(H), cfg, sync, False) in seen):
+            variant = "-".join(sorted(flags)) if flags else ""
+            key = (kernel, cell, dtype, k_block(H), cfg, sync, variant)
+            if key in seen or (not is_default and (kernel, cell, dtype, k_block(H), cfg, sync, "") in seen):
                 continue
             seen.add(key)
-            kind = ("default" if is_default else "candidate") + ("-save" if flags else "")
+            kind = ("default" if is_default else "candidate") + (f"-{variant}" if variant else "")
             yield (f"{kernel}-{cell.name}-{dtype}-H{H}-{kind}-{describe(cfg)}-{'sync' if sync else 'nosync'}",
                    kernel, cell, dtype, H, cfg, sync, is_default, flags)
     # Each optional input off once: the code without it must compile too.
     from kernels.configs import ForwardConfig
-    for flag in ("has_h0", "has_len"):
+    for flag in ("has_h0", "has_c0"):
         yield f"fwd-LSTM-bf16-no-{flag}", "fwd", Cell.LSTM, "bf16", 64, ForwardConfig(16, 16, k_block=32), True, \
             False, {flag: False}
-    for flag in ("has_dout", "has_dhn", "has_len"):
+    for flag in ("has_dout", "has_dhn", "has_h0"):
         yield f"bwd-GRU-bf16-no-{flag}", "bwd", Cell.GRU, "bf16", 64, ForwardConfig(16, 16, k_block=32), True, \
             False, {flag: False}
 

@@ -7,6 +7,7 @@ import rnn
 from kernels.backward import rnn_bwd
 from kernels.cells import Cell
 from kernels.forward import rnn_fwd
+from kernels.packing import Packing
 from rnn.functional import _stack_weights
 from rnn.reference import layer_forward
 
@@ -100,24 +101,42 @@ def _weights(cell, I, H, D, bias, device):
             for _ in range(D)]
 
 
+class Packer:
+    """Per-sequence lengths (sorted longest first) as torch's packed layout: packs padded
+    tensors like pack_padded_sequence, and carries the kernels' Packing."""
+
+    def __init__(self, lengths, batch_first, device):
+        self.lengths, self.batch_first = lengths, batch_first
+        batch_sizes = torch.nn.utils.rnn.pack_padded_sequence(
+            torch.zeros(int(lengths[0]), len(lengths), 1), lengths).batch_sizes
+        self.packing = Packing.from_batch_sizes(batch_sizes, device)
+
+    def pack(self, padded):
+        return torch.nn.utils.rnn.pack_padded_sequence(padded, self.lengths.cpu(), batch_first=self.batch_first).data
+
+
 def run_layer(cell, *, T=5, B=3, I=6, H=17, D=2, dtype=torch.float64, config=None, bias=True, h0=True,
               lengths=None, batch_first=False, device="cpu"):
-    """Launch one layer on random inputs; return our results, the float64 reference and the launch."""
+    """Launch one layer on random inputs; return our results, the float64 reference and the launch.
+    With lengths (longest first; the longest = T) the layer runs on packed data, and the
+    reference's output is packed the same way."""
     cell = Cell(cell)
     weights = _weights(cell, I, H, D, bias, device)
     x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64, device=device)
     h_0 = torch.randn(D, B, H, dtype=torch.float64, device=device) if h0 else None
     c_0 = torch.randn(D, B, H, dtype=torch.float64, device=device) if h0 and cell == Cell.LSTM else None
     ref = layer_forward(cell, x, h_0, c_0, lengths, weights, batch_first)
+    packer = Packer(lengths, batch_first, device) if lengths is not None else None
+    if packer is not None:
+        x, ref = packer.pack(x), (packer.pack(ref[0]), *ref[1:])
 
     w_ih, w_hh, b, b_hn = _stack_weights(cell, [w[:4] for w in weights])
     cast = (lambda t: t.to(dtype) if t is not None else None)
     out = torch.full_like(ref[0], math.nan, dtype=dtype)
     hn = torch.full_like(ref[1], math.nan, dtype=dtype)
     cn = torch.full_like(ref[1], math.nan, dtype=dtype) if cell == Cell.LSTM else None
-    lens = lengths.to(device=device, dtype=torch.int32) if lengths is not None else None
-    result = rnn_fwd(cell, cast(x), cast(w_ih), cast(w_hh), cast(b), cast(b_hn), cast(h_0), cast(c_0), lens,
-                     batch_first, config, out=out, hn=hn, cn=cn)
+    result = rnn_fwd(cell, cast(x), cast(w_ih), cast(w_hh), cast(b), cast(b_hn), cast(h_0), cast(c_0),
+                     packer.packing if packer else None, batch_first, config, out=out, hn=hn, cn=cn)
     assert result[0] is out and result[1] is hn and result[2] is cn
     return result, ref
 
@@ -134,7 +153,8 @@ def assert_close(result, ref, tol):
 def run_backward(cell, *, T=4, B=3, I=5, H=17, D=2, dtype=torch.float64, config=None, lengths=None,
                  batch_first=False, h0=True, upstream=("out", "hn", "cn"), device="cpu"):
     """Fused forward (save=True) and backward on random inputs and upstream gradients; returns
-    (ours: dict of gradients, reference: the same from torch autograd in float64, the backward result)."""
+    (ours: dict of gradients, reference: the same from torch autograd in float64, the backward result).
+    With lengths (longest first; the longest = T) ours runs on packed data."""
     cell = Cell(cell)
     weights = _weights(cell, I, H, D, True, device)
     x = torch.randn((B, T, I) if batch_first else (T, B, I), dtype=torch.float64, device=device)
@@ -159,16 +179,20 @@ def run_backward(cell, *, T=4, B=3, I=5, H=17, D=2, dtype=torch.float64, config=
     ref["b_ih"] = torch.cat(grads[2 * D:3 * D])
     ref["b_hh"] = torch.cat(grads[3 * D:])
 
+    packer = Packer(lengths, batch_first, device) if lengths is not None else None
+    if packer is not None:  # ours runs on packed data: pack its inputs and the reference's dx
+        x, g_out = packer.pack(x.detach()), packer.pack(g_out) if g_out is not None else None
+        ref["x"] = packer.pack(ref["x"])
     cast = (lambda t: t.detach().to(dtype) if t is not None else None)
     w_ih, w_hh, bias, b_hn = _stack_weights(cell, [tuple(cast(t) for t in w[:4]) for w in weights])
-    lens = lengths.to(device=device, dtype=torch.int32) if lengths is not None else None
-    fwd = rnn_fwd(cell, cast(x), w_ih, w_hh.contiguous(), bias, b_hn, cast(h_0), cast(c_0), lens, batch_first,
+    packing = packer.packing if packer else None
+    fwd = rnn_fwd(cell, cast(x), w_ih, w_hh.contiguous(), bias, b_hn, cast(h_0), cast(c_0), packing, batch_first,
                   config, save=True)
     GR = 4 if cell == Cell.GRU else cell.gates
-    dg = torch.full((T, B, D, GR, H), math.nan, dtype=dtype, device=device)
+    dg = torch.full((*((packing.rows,) if packing else (T, B)), D, GR, H), math.nan, dtype=dtype, device=device)
     dh0 = torch.full((D, B, H), math.nan, dtype=dtype, device=device)
     dc0 = torch.full((D, B, H), math.nan, dtype=dtype, device=device)
-    res = rnn_bwd(cell, cast(x), w_ih, w_hh.contiguous(), cast(h_0), cast(c_0), lens, fwd.out, fwd.saved,
+    res = rnn_bwd(cell, cast(x), w_ih, w_hh.contiguous(), cast(h_0), cast(c_0), packing, fwd.out, fwd.saved,
                   cast(g_out), cast(g_hn), cast(g_cn), batch_first, config=config, dg=dg, dh0=dh0, dc0=dc0)
     assert torch.isfinite(dg).all(), "a gate gradient was never written"
     ours = {"x": res.dx, "w_ih": res.dw_ih, "w_hh": res.dw_hh, "b_ih": res.db_ih, "b_hh": res.db_hh}

@@ -35,16 +35,28 @@ def test_partitions(cell, partition, kernel_device):
 
 @pytest.mark.parametrize("config", [None, ForwardConfig(16, 16, persistent=False)], ids=["single", "multi"])
 @pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
-def test_lengths_layouts_and_missing_gradients(cell, config, kernel_device):
-    """Lengths 1 and T included, batch_first, no h0/c0, gradient only on the output."""
+def test_packed_layouts_and_missing_gradients(cell, config, kernel_device):
+    """Packed sequences (lengths 1 and T included), batch_first, no h0/c0, gradient only on the
+    output, only on the final states."""
     torch.manual_seed(2)
-    ours, ref, _ = run_backward(cell, T=5, B=4, H=18, lengths=torch.tensor([2, 5, 1, 4]), batch_first=True,
+    ours, ref, _ = run_backward(cell, T=5, B=4, H=18, lengths=torch.tensor([5, 4, 2, 1]), batch_first=True,
                                 config=config, device=kernel_device)
     assert_grads_close(ours, ref, TOL[torch.float64])
     ours, ref, _ = run_backward(cell, T=3, H=18, h0=False, upstream=("out",), config=config, device=kernel_device)
     assert_grads_close(ours, ref, TOL[torch.float64])
     ours, ref, _ = run_backward(cell, T=3, H=18, upstream=("hn", "cn"), D=1, config=config, device=kernel_device)
     assert_grads_close(ours, ref, TOL[torch.float64])
+
+
+def test_packed_tiles_skip_idle_steps(kernel_device):
+    """Two batch tiles, the second of short sequences only, which skip their idle steps."""
+    lengths = torch.tensor([6] * 16 + [3, 2, 1, 1])
+    for cell, config in ((Cell.LSTM, ForwardConfig(16, 16, persistent=False)), (Cell.GRU, ForwardConfig(32, 16)),
+                         (Cell.RNN_TANH, ForwardConfig(16, 16, k_block=16, persistent=False))):
+        torch.manual_seed(14)
+        ours, ref, res = run_backward(cell, T=6, B=20, H=24, lengths=lengths, config=config, device=kernel_device)
+        assert res.info.grid[1] == 2
+        assert_grads_close(ours, ref, TOL[torch.float64])
 
 
 @pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)

@@ -67,15 +67,30 @@ def test_dtypes(cell, dtype, chunked, kernel_device):
 @pytest.mark.parametrize("config", [None, ForwardConfig(16, 16, persistent=False),
                                     ForwardConfig(32, 16, k_block=16)], ids=["single", "multi", "chunked"])
 @pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
-def test_lengths_and_layouts(cell, config, kernel_device):
-    """Per-sequence lengths (1 and T included), batch_first strides, no h0, no bias."""
+def test_packed_and_layouts(cell, config, kernel_device):
+    """Packed sequences (lengths 1 and T included), batch_first strides, no h0, no bias."""
     torch.manual_seed(3)
-    lengths = torch.tensor([2, 6, 1, 5])
+    lengths = torch.tensor([6, 5, 2, 1])
     result, ref = run_layer(cell, T=6, B=4, H=18, lengths=lengths, batch_first=True, h0=False, bias=False,
                             config=config, device=kernel_device)
+    assert result[0].shape == (14, 36)  # one row per real token
     assert_close(result, ref, TOL[torch.float64])
-    out = result[0]
-    assert (out[2, 1:] == 0).all() and (out[0, 2:] == 0).all(), "outputs past a length must be zero"
+    result, ref = run_layer(cell, T=5, B=3, H=18, batch_first=True, config=config, device=kernel_device)
+    assert_close(result, ref, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("config", [ForwardConfig(32, 16), ForwardConfig(16, 16, persistent=False),
+                                    ForwardConfig(16, 16, k_block=16, persistent=False)],
+                         ids=["single", "multi", "chunked-multi"])
+@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
+def test_packed_tiles_skip_idle_steps(cell, config, kernel_device):
+    """Two batch tiles, the second of short sequences only: its programs skip the steps where all
+    of them are idle (first in reverse, last forward) and must still hand over the right state."""
+    torch.manual_seed(13)
+    lengths = torch.tensor([7] * 3 + [6] * 13 + [3, 2, 2, 1])
+    result, ref = run_layer(cell, T=7, B=20, H=24, lengths=lengths, config=config, device=kernel_device)
+    assert result[3].grid[1] == 2
+    assert_close(result, ref, TOL[torch.float64])
 
 
 def test_unidirectional_and_t1(kernel_device):

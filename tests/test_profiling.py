@@ -32,6 +32,17 @@ def test_flops_stacked_bidirectional_projection_and_backward():
     assert matmul_flops(rnn) == T * 2 * B * H * (I + H)
 
 
+def test_packed_cases_count_real_tokens():
+    case = Case("LSTM", T=40, B=6, input_size=3, hidden_size=5, num_layers=2, bidirectional=True, packed=True)
+    lengths = case.lengths()
+    assert torch.equal(lengths, case.lengths()), "a case's lengths must not change between runs"
+    assert int(lengths.max()) == 40 and int(lengths.min()) >= 10
+    assert case.tokens == int(lengths.sum()) < 40 * 6
+    padded = Case("LSTM", T=40, B=6, input_size=3, hidden_size=5, num_layers=2, bidirectional=True)
+    assert matmul_flops(case) * padded.tokens == matmul_flops(padded) * case.tokens
+    assert "packed" in case.id and case.lengths() is not None and padded.lengths() is None
+
+
 def test_suites():
     for name, cases in SUITES.items():
         assert cases, name
@@ -43,7 +54,9 @@ def test_suites():
     assert {c.num_layers for c in SUITES["stacked"]} >= {2, 4} and any(c.bidirectional for c in SUITES["stacked"])
     assert {c.pass_ for c in SUITES["training"]} == {"fwdbwd"}
     assert set(SUITES["all"]) == set().union(*(SUITES[n] for n in ("quick", "latency", "throughput", "stacked",
-                                                                    "training")))
+                                                                    "training", "packed")))
+    packed = [c for c in SUITES["packed"] if c.packed]
+    assert packed and all(c.__class__(**{**c.__dict__, "packed": False}) in SUITES["packed"] for c in packed)
     assert all(c.hidden_size <= 64 and c.dtype == "fp32" for c in SUITES["cpu"])
 
 
@@ -79,7 +92,7 @@ def test_metric_rows_follow_the_schema():
 
 def test_cpu_suite_end_to_end(tmp_path, capsys):
     code = bench.main(["--suite", "cpu", "--out", str(tmp_path), "--cells", "lstm,gru", "--hidden", "8",
-                       "--batch", "2", "--seq", "3", "--rep-ms", "1", "--warmup-ms", "1"])
+                       "--batch", "3", "--seq", "4", "--rep-ms", "1", "--warmup-ms", "1"])
     assert code == 0
     csvs = list(tmp_path.glob("bench-cpu-*.csv"))
     assert len(csvs) == 1 and csvs[0].with_suffix(".md").exists()
@@ -87,9 +100,11 @@ def test_cpu_suite_end_to_end(tmp_path, capsys):
     assert list(frame.columns) == report.SCHEMA
     assert set(frame.device) == {"cpu"}
     assert set(frame.impl) == {name for name, impl in REGISTRY.items() if "cpu" in impl.devices}
-    assert set(frame.status) == {"ok"}
-    assert set(frame.cell) == {"LSTM", "GRU"} and set(frame.hidden_size) == {8} and set(frame["T"]) == {3}
-    times = frame[frame.metric == "time_ms"]
+    assert set(frame.status) <= {"ok", "unsupported"}
+    assert set(frame[frame.status == "unsupported"].impl) <= {"torch_loop"}  # no packed cell loop
+    assert set(frame.cell) == {"LSTM", "GRU"} and set(frame.hidden_size) == {8} and set(frame["T"]) == {4}
+    assert frame.packed.any()
+    times = frame[(frame.metric == "time_ms") & (frame.status == "ok")]
     assert (times["median"] > 0).all() and (times.p20 <= times.p80).all()
     errors = frame[(frame.metric == "rel_err") & (frame.impl == "ours")]
     assert (errors["median"] < 1e-5).all()
