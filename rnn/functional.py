@@ -206,7 +206,8 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
     """The whole stack. input: a tensor ([T, B, I], or [B, T, I] when batch_first) or a
     PackedSequence whose batch order hx already follows (sorted). hx: h0 [L*D, B, H_out] or None,
     and for LSTM a pair (h0, c0) or None. Returns (output, h_n, c_n or None, ForwardPath); output
-    is a PackedSequence when input is one.
+    is a PackedSequence when input is one (the kernels work on its packed data throughout; the
+    reference pads it).
     """
     D = 2 if bidirectional else 1
     packed = isinstance(input, PackedSequence)
