@@ -9,7 +9,7 @@ import triton.language as tl
 from kernels import env
 from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
-from kernels.configs import ForwardConfig, default_backward_config
+from kernels.configs import KernelConfig, default_backward_config
 from kernels.packing import Packing
 from kernels.forward import (LaunchInfo, _choose_persistent, _sm_count, layout_strides, max_registers, seq_offsets,
                              tile_steps)
@@ -225,7 +225,7 @@ class BackwardResult(NamedTuple):
 
 
 def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, saved, d_out, d_hn, d_cn,
-            batch_first: bool, need_dx: bool = True, config: ForwardConfig | None = None, dg=None, dh0=None,
+            batch_first: bool, need_dx: bool = True, config: KernelConfig | None = None, dg=None, dh0=None,
             dc0=None) -> BackwardResult:
     """Gradients of one layer (every direction) from the forward's inputs, outputs and saved
     activations (rnn_fwd(save=True)) and the gradients of out, h_n and c_n (any may be None).
@@ -320,7 +320,7 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
     return BackwardResult(dg, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, info)
 
 
-def backward_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool, has_c0: bool, packed: bool,
+def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, has_c0: bool, packed: bool,
                   has_dout: bool, has_dhn: bool, has_dcn: bool, upcast: bool, precision: str) -> dict:
     """The constexprs and launch options of rnn_bwd_kernel (all but SYNC)."""
     cell = Cell(cell)

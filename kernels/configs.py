@@ -12,8 +12,9 @@ MIN_TILE = 16
 
 
 @dataclass(frozen=True)
-class ForwardConfig:
-    """How one layer's recurrence is split over programs.
+class KernelConfig:
+    """How one layer's recurrence is split over programs (forward and backward kernels alike;
+    fused_gates only concerns the forward).
 
     hidden_block: hidden units per program (all gates of those units); programs per direction
         and batch tile = ceil(H / hidden_block).
@@ -63,7 +64,7 @@ TUNED_SIZES = [(H, B) for H in (64, 128, 200, 256, 512, 768, 1024, 2048) for B i
 
 
 def default_forward_config(hidden_size: int, batch: int, gates: int, elt_size: int, interpreting: bool,
-                           directions: int = 1, sms: int = H100_SMS) -> ForwardConfig:
+                           directions: int = 1, sms: int = H100_SMS) -> KernelConfig:
     """Heuristic partition for one layer of ``gates`` gates with weights of ``elt_size`` bytes.
 
     On a GPU: batch tiles of 16 to 64 rows; then the fewest hidden units per program that still
@@ -78,7 +79,7 @@ def default_forward_config(hidden_size: int, batch: int, gates: int, elt_size: i
     full_k = k_block(hidden_size)
     if interpreting:
         batch_block = min(64, max(MIN_TILE, triton.next_power_of_2(max(batch, 1))))
-        return ForwardConfig(hidden_block=full_k, batch_block=batch_block)
+        return KernelConfig(hidden_block=full_k, batch_block=batch_block)
     fused = gates > 1
     width = 4 if fused else 1  # dot columns per hidden unit
     batch_block = 16 if batch <= 16 else (32 if batch <= 32 else 64)
@@ -96,7 +97,7 @@ def default_forward_config(hidden_size: int, batch: int, gates: int, elt_size: i
     tiny = batch_block == 16 and k is None and width * hidden_block * full_k <= 4096
     # ptxas spills a streamed single-gate 16-bit slice at 8 warps but not at 4 (sm_90 compiles)
     narrow_stream = k is not None and width == 1 and elt_size < 4
-    return ForwardConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, fused_gates=fused,
+    return KernelConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, fused_gates=fused,
                          num_warps=4 if tiny or narrow_stream else 8)
 
 
@@ -110,7 +111,7 @@ def _fits_resident(columns: int, full_k: int, batch_block: int, elt_size: int) -
 
 
 def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: int, interpreting: bool,
-                            directions: int = 1, sms: int = H100_SMS) -> ForwardConfig:
+                            directions: int = 1, sms: int = H100_SMS) -> KernelConfig:
     """Heuristic partition of the backward kernel (fused_gates unused). A program owns hidden
     units and holds their columns of W_hh across all gates ([G*H, HB]); its recurrent product
     reduces over G*H, so k_block chunks that reduction. The dot's width is the hidden block, so
@@ -118,7 +119,7 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
     full_k = max(MIN_TILE, triton.next_power_of_2(gates * hidden_size))
     if interpreting:
         batch_block = min(64, max(MIN_TILE, triton.next_power_of_2(max(batch, 1))))
-        return ForwardConfig(hidden_block=k_block(hidden_size), batch_block=batch_block)
+        return KernelConfig(hidden_block=k_block(hidden_size), batch_block=batch_block)
     batch_block = 16 if batch <= 16 else 32  # wider tiles spill here
     groups = directions * triton.cdiv(max(batch, 1), batch_block)
     hidden_block = max(MIN_TILE, triton.next_power_of_2(triton.cdiv(hidden_size, max(1, sms // groups))))
@@ -131,11 +132,11 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
     else:
         k = 2 * STREAM_K if batch_block == 16 else STREAM_K
         hidden_block = min(hidden_block, 32 if batch_block == 16 else 16)
-    return ForwardConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, num_warps=8)
+    return KernelConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, num_warps=8)
 
 
 def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
-                      sms: int = H100_SMS) -> list[ForwardConfig]:
+                      sms: int = H100_SMS) -> list[KernelConfig]:
     """The autotuning space of one shape: the default, then its neighbours (half and double the
     hidden block, the other K mode, the other gate layout, the other warp count), every one within
     the compile-checked bounds (no shared-memory overflow)."""
@@ -153,13 +154,13 @@ def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, d
                                                     elt_size):
                     continue  # resident slices well past the bound only spill or overflow shared memory
                 for warps in (4, 8):
-                    cfg = ForwardConfig(hb, base.batch_block, k_block=k, fused_gates=fused, num_warps=warps)
+                    cfg = KernelConfig(hb, base.batch_block, k_block=k, fused_gates=fused, num_warps=warps)
                     if cfg not in out:
                         out.append(cfg)
     return out
 
 
-def describe(cfg: ForwardConfig) -> str:
+def describe(cfg: KernelConfig) -> str:
     """A short name of a config, for reports and logs."""
     return (f"HB{cfg.hidden_block}-BB{cfg.batch_block}-KB{cfg.k_block or 'all'}"
             f"{'-fused' if cfg.fused_gates else ''}-w{cfg.num_warps}")
@@ -200,16 +201,16 @@ class AutotuneCache:
             return {}
         return data["entries"]
 
-    def get(self, key: str) -> ForwardConfig | None:
+    def get(self, key: str) -> KernelConfig | None:
         if self._entries is None:
             self._entries = self._read()
         entry = self._entries.get(key)
         try:
-            return ForwardConfig(**entry["config"])
+            return KernelConfig(**entry["config"])
         except (TypeError, KeyError, ValueError):
             return None
 
-    def put(self, key: str, config: ForwardConfig, timings_ms: dict | None = None):
+    def put(self, key: str, config: KernelConfig, timings_ms: dict | None = None):
         """Record a winner (and, for reference, each candidate's time per step)."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         entry = {"config": asdict(config), "timings_ms_per_step": timings_ms or {}}

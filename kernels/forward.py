@@ -13,7 +13,7 @@ from kernels import env
 from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
 from kernels.packing import Packing
-from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, ForwardConfig, candidate_configs,
+from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs,
                              default_forward_config, describe, k_block, tuning_key)
 
 
@@ -288,7 +288,7 @@ class LaunchInfo:
     """What a launcher ran: the partition, the grid and whether it was one persistent launch."""
 
     kernel: str
-    config: ForwardConfig
+    config: KernelConfig
     grid: tuple
     persistent: bool
 
@@ -328,7 +328,7 @@ class ForwardResult(NamedTuple):
 
 
 def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias, b_hn, h0, c0,
-            packing: Packing | None, batch_first: bool, config: ForwardConfig | None = None, out=None, hn=None,
+            packing: Packing | None, batch_first: bool, config: KernelConfig | None = None, out=None, hn=None,
             cn=None, save: bool = False, first_step=None) -> ForwardResult:
     """Run one layer, every direction in one launch (or one launch per step).
 
@@ -416,11 +416,11 @@ class _Layer:
         shape = (self.B, T) if self.batch_first else (T, self.B)
         return torch.empty(*shape, self.D * self.H, dtype=self.dtype, device=self.device)
 
-    def default_config(self) -> ForwardConfig:
+    def default_config(self) -> KernelConfig:
         return default_forward_config(self.H, self.B, self.cell.gates, self.w_hh.element_size(), self.interpreting,
                                       self.D, _sm_count(self.device))
 
-    def launch(self, cfg: ForwardConfig, out, hn, cn, steps=None, saved=None) -> LaunchInfo:
+    def launch(self, cfg: KernelConfig, out, hn, cn, steps=None, saved=None) -> LaunchInfo:
         """Run the first ``steps`` timesteps (all by default; padded inputs only) with partition
         ``cfg``; fill ``saved`` for backward when given."""
         T, B, H, D = (self.T if steps is None else steps), self.B, self.H, self.D
@@ -474,7 +474,7 @@ def _tuning_key(layer: _Layer) -> str:
                       torch.cuda.get_device_name(layer.device), triton.__version__)
 
 
-def _tuned_or_default(layer: _Layer) -> ForwardConfig:
+def _tuned_or_default(layer: _Layer) -> KernelConfig:
     """The cached winner for this shape; on a miss, tune now (CUDA only, RNN_AUTOTUNE on, and not
     while a CUDA graph is being captured: tuning synchronises) or take the heuristic default."""
     if layer.device.type != "cuda" or layer.B == 0 or not env.autotune_enabled() \
@@ -538,7 +538,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
 
 
-def kernel_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool, has_c0: bool, packed: bool,
+def kernel_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, has_c0: bool, packed: bool,
                 has_bhn: bool, upcast: bool, precision: str, save: bool = False) -> dict:
     """The constexprs and launch options of rnn_fwd_kernel for one layer and config (all but
     SYNC, which depends on the launch mode)."""
@@ -553,12 +553,12 @@ def kernel_meta(cell: Cell, D: int, H: int, cfg: ForwardConfig, *, has_h0: bool,
                 num_warps=cfg.num_warps,
                 # Streaming W_hh, ptxas tends to cap itself at 128 registers and spill; given the
                 # budget it does not (sm_90 compiles). Resident slices fare better without one.
-                maxnreg=None if meta_resident(H, cfg) else max_registers(cfg.num_warps),
+                maxnreg=None if _resident(H, cfg) else max_registers(cfg.num_warps),
                 # No software pipelining: it could hoist the next step's h load above the barrier.
                 num_stages=1)
 
 
-def meta_resident(H: int, cfg: ForwardConfig) -> bool:
+def _resident(H: int, cfg: KernelConfig) -> bool:
     return cfg.k_block is None or cfg.k_block >= k_block(H)
 
 

@@ -228,15 +228,10 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
         states = [s[layer * D:(layer + 1) * D] if s is not None else None for s in (h0, c0)]
         if path.backend == "triton":
             # The fused layers take a fixed number of tensors per direction; absent biases are None.
-            if proj_size:
-                flat = [t for w in _group(flat, has_bias, True) for t in w]
-            else:
-                flat = [t for w in _group(flat, has_bias, False) for t in w[:4]]
+            flat = [t for w in _group(flat, has_bias, proj_size > 0) for t in (w if proj_size else w[:4])]
             save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *states, *flat))
-            if proj_size:
-                x, h_n, c_n = FusedLSTMProjLayer.apply(packing, batch_first, path.launches, save, x, *states, *flat)
-            else:
-                x, h_n, c_n = FusedRNNLayer.apply(cell, packing, batch_first, path.launches, save, x, *states, *flat)
+            args = (packing, batch_first, path.launches, save, x, *states, *flat)
+            x, h_n, c_n = FusedLSTMProjLayer.apply(*args) if proj_size else FusedRNNLayer.apply(cell, *args)
         else:
             x, h_n, c_n = reference.layer_forward(cell, x, *states, lengths, _group(flat, has_bias, proj_size > 0),
                                                   batch_first)

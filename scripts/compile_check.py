@@ -128,12 +128,12 @@ def variants(quick: bool, space: bool):
             yield (f"{kernel}-{cell.name}-{dtype}-H{H}-{kind}-{describe(cfg)}-{'sync' if sync else 'nosync'}",
                    kernel, cell, dtype, H, cfg, sync, is_default, flags)
     # Each optional input off once: the code without it must compile too.
-    from kernels.configs import ForwardConfig
+    from kernels.configs import KernelConfig
     for flag in ("has_h0", "has_c0"):
-        yield f"fwd-LSTM-bf16-no-{flag}", "fwd", Cell.LSTM, "bf16", 64, ForwardConfig(16, 16, k_block=32), True, \
+        yield f"fwd-LSTM-bf16-no-{flag}", "fwd", Cell.LSTM, "bf16", 64, KernelConfig(16, 16, k_block=32), True, \
             False, {flag: False}
     for flag in ("has_dout", "has_dhn", "has_h0"):
-        yield f"bwd-GRU-bf16-no-{flag}", "bwd", Cell.GRU, "bf16", 64, ForwardConfig(16, 16, k_block=32), True, \
+        yield f"bwd-GRU-bf16-no-{flag}", "bwd", Cell.GRU, "bf16", 64, KernelConfig(16, 16, k_block=32), True, \
             False, {flag: False}
 
 

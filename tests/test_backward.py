@@ -6,7 +6,7 @@ import torch
 import rnn
 from helpers import TOL, assert_grads_close, run_backward
 from kernels.cells import Cell
-from kernels.configs import ForwardConfig
+from kernels.configs import KernelConfig
 from rnn import functional
 
 pytestmark = pytest.mark.interpreter
@@ -15,11 +15,11 @@ CELL_IDS = [c.name for c in Cell]
 
 PARTITIONS = {
     "single-persistent": (dict(H=17), None, True),
-    "multi-stepwise": (dict(H=40), ForwardConfig(hidden_block=16, batch_block=16, persistent=False), False),
-    "batch-tiles": (dict(H=20, B=19), ForwardConfig(hidden_block=32, batch_block=16), True),
-    "chunked-multi": (dict(H=40, B=18), ForwardConfig(hidden_block=16, batch_block=16, k_block=32, persistent=False),
+    "multi-stepwise": (dict(H=40), KernelConfig(hidden_block=16, batch_block=16, persistent=False), False),
+    "batch-tiles": (dict(H=20, B=19), KernelConfig(hidden_block=32, batch_block=16), True),
+    "chunked-multi": (dict(H=40, B=18), KernelConfig(hidden_block=16, batch_block=16, k_block=32, persistent=False),
                       False),
-    "chunked-single": (dict(H=24), ForwardConfig(hidden_block=32, batch_block=16, k_block=16), True),
+    "chunked-single": (dict(H=24), KernelConfig(hidden_block=32, batch_block=16, k_block=16), True),
 }
 
 
@@ -33,7 +33,7 @@ def test_partitions(cell, partition, kernel_device):
     assert res.info.persistent == persistent
 
 
-@pytest.mark.parametrize("config", [None, ForwardConfig(16, 16, persistent=False)], ids=["single", "multi"])
+@pytest.mark.parametrize("config", [None, KernelConfig(16, 16, persistent=False)], ids=["single", "multi"])
 @pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
 def test_packed_layouts_and_missing_gradients(cell, config, kernel_device):
     """Packed sequences (lengths 1 and T included), batch_first, no h0/c0, gradient only on the
@@ -51,8 +51,8 @@ def test_packed_layouts_and_missing_gradients(cell, config, kernel_device):
 def test_packed_tiles_skip_idle_steps(kernel_device):
     """Two batch tiles, the second of short sequences only, which skip their idle steps."""
     lengths = torch.tensor([6] * 16 + [3, 2, 1, 1])
-    for cell, config in ((Cell.LSTM, ForwardConfig(16, 16, persistent=False)), (Cell.GRU, ForwardConfig(32, 16)),
-                         (Cell.RNN_TANH, ForwardConfig(16, 16, k_block=16, persistent=False))):
+    for cell, config in ((Cell.LSTM, KernelConfig(16, 16, persistent=False)), (Cell.GRU, KernelConfig(32, 16)),
+                         (Cell.RNN_TANH, KernelConfig(16, 16, k_block=16, persistent=False))):
         torch.manual_seed(14)
         ours, ref, res = run_backward(cell, T=6, B=20, H=24, lengths=lengths, config=config, device=kernel_device)
         assert res.info.grid[1] == 2

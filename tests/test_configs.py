@@ -8,7 +8,7 @@ import torch
 import triton
 
 from kernels import env
-from kernels.configs import (TUNED_SIZES, AutotuneCache, ForwardConfig, candidate_configs, default_forward_config,
+from kernels.configs import (TUNED_SIZES, AutotuneCache, KernelConfig, candidate_configs, default_forward_config,
                              tuning_key)
 from kernels.forward import _Layer, _tuned_or_default, autotune_cache
 
@@ -57,7 +57,7 @@ def test_tuning_key_buckets_batch_and_ignores_nothing_else():
 
 def test_cache_round_trip(tmp_path):
     path = str(tmp_path / "sub" / "autotune.json")
-    cfg = ForwardConfig(8, 16, k_block=64, fused_gates=True, num_warps=8)
+    cfg = KernelConfig(8, 16, k_block=64, fused_gates=True, num_warps=8)
     AutotuneCache(path).put("k1", cfg, {"HB8": 0.001})
     assert AutotuneCache(path).get("k1") == cfg
     assert AutotuneCache(path).get("missing") is None
@@ -73,14 +73,14 @@ def test_bad_cache_counts_as_empty_and_is_rewritten(tmp_path, content):
     path.write_text(content)
     cache = AutotuneCache(str(path))
     assert cache.get("k1") is None
-    cache.put("k2", ForwardConfig(16, 16))
-    assert AutotuneCache(str(path)).get("k2") == ForwardConfig(16, 16)
+    cache.put("k2", KernelConfig(16, 16))
+    assert AutotuneCache(str(path)).get("k2") == KernelConfig(16, 16)
 
 
 def _writer(path, start):
     cache = AutotuneCache(path)
     for i in range(start, start + 20):
-        cache.put(f"key{i}", ForwardConfig(16, 16, num_warps=8 if i % 2 else 4))
+        cache.put(f"key{i}", KernelConfig(16, 16, num_warps=8 if i % 2 else 4))
 
 
 def test_concurrent_writers_merge_and_never_corrupt(tmp_path):

@@ -9,7 +9,7 @@ import torch
 import rnn
 from helpers import TOL, assert_close, assert_grads_close, compare_modules, rel_err, run_backward, run_layer
 from kernels.cells import Cell
-from kernels.configs import ForwardConfig
+from kernels.configs import KernelConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -71,7 +71,7 @@ def test_persistent_multi_program(cell):
     for _ in range(3):
         torch.manual_seed(3)
         result, ref = run_layer(cell, T=40, B=24, I=64, H=256, dtype=torch.float32, device="cuda",
-                                config=ForwardConfig(hidden_block=16, batch_block=16))
+                                config=KernelConfig(hidden_block=16, batch_block=16))
         assert result[3].persistent and result[3].grid == (16, 2, 2)
         assert_close(result, ref, TOL[torch.float32])
         results.append(result[0])
@@ -98,13 +98,13 @@ def test_odd_sizes_and_single_step():
 def test_grid_too_large_runs_stepwise():
     """32 batch tiles x 16 programs x 2 directions cannot all be resident on one GPU."""
     torch.manual_seed(6)
-    config = ForwardConfig(hidden_block=16, batch_block=16)
+    config = KernelConfig(hidden_block=16, batch_block=16)
     result, ref = run_layer(Cell.GRU, T=6, B=512, I=32, H=256, dtype=torch.float32, device="cuda", config=config)
     assert not result[3].persistent
     assert_close(result, ref, TOL[torch.float32])
     with pytest.raises(ValueError, match="co-resident"):
         run_layer(Cell.GRU, T=6, B=512, I=32, H=256, dtype=torch.float32, device="cuda",
-                  config=ForwardConfig(hidden_block=16, batch_block=16, persistent=True))
+                  config=KernelConfig(hidden_block=16, batch_block=16, persistent=True))
 
 
 SCALE_SHAPES = {  # (T, B, H): issue 4's corners; input size 64 keeps the reference quick
@@ -172,7 +172,7 @@ def test_fused_backward_per_dtype(cell, precision):
     """The fused backward on CUDA against autograd through the float64 reference: default
     partition, a persistent multi-program one, and per-sequence lengths."""
     dtype = DTYPES[precision]
-    for kwargs in (dict(T=20, B=16, H=256), dict(T=9, B=24, H=200, config=ForwardConfig(16, 16)),
+    for kwargs in (dict(T=20, B=16, H=256), dict(T=9, B=24, H=200, config=KernelConfig(16, 16)),
                    dict(T=7, B=5, H=96, lengths=torch.tensor([7, 6, 3, 2, 1]), batch_first=True)):
         torch.manual_seed(11)
         ours, ref, res = run_backward(cell, I=32, dtype=dtype, device="cuda", **kwargs)

@@ -9,7 +9,7 @@ import torch
 
 from helpers import TOL, assert_close, run_layer
 from kernels.cells import Cell
-from kernels.configs import ForwardConfig
+from kernels.configs import KernelConfig
 
 pytestmark = pytest.mark.interpreter
 
@@ -20,21 +20,21 @@ PARTITIONS = {
     # one program per (direction, batch tile): persistent
     "single-persistent": (dict(H=17), None, True),
     # three programs of 16 hidden units, H=40 (last one partly masked): stepwise
-    "multi-stepwise": (dict(H=40), ForwardConfig(hidden_block=16, batch_block=16, persistent=False), False),
+    "multi-stepwise": (dict(H=40), KernelConfig(hidden_block=16, batch_block=16, persistent=False), False),
     # two batch tiles of 16 rows (second one partly masked), one program each: persistent
-    "batch-tiles": (dict(H=20, B=19), ForwardConfig(hidden_block=32, batch_block=16), True),
+    "batch-tiles": (dict(H=20, B=19), KernelConfig(hidden_block=32, batch_block=16), True),
     # both at once, stepwise
-    "multi-both": (dict(H=33, B=18), ForwardConfig(hidden_block=16, batch_block=16, persistent=False), False),
+    "multi-both": (dict(H=33, B=18), KernelConfig(hidden_block=16, batch_block=16, persistent=False), False),
     # W_hh streamed in K chunks of 16 (H=40: three chunks, the last partly masked), one program
-    "chunked-persistent": (dict(H=40), ForwardConfig(hidden_block=64, batch_block=16, k_block=16), True),
+    "chunked-persistent": (dict(H=40), KernelConfig(hidden_block=64, batch_block=16, k_block=16), True),
     # K chunks with three programs, stepwise
-    "chunked-multi": (dict(H=40), ForwardConfig(hidden_block=16, batch_block=16, k_block=32, persistent=False),
+    "chunked-multi": (dict(H=40), KernelConfig(hidden_block=16, batch_block=16, k_block=32, persistent=False),
                       False),
     # all gates in one dot (LSTM/GRU; one gate has nothing to fuse): one program, then ten of 4 units
-    "fused-single": (dict(H=40), ForwardConfig(hidden_block=64, batch_block=16, fused_gates=True), True),
-    "fused-multi": (dict(H=40, B=18), ForwardConfig(hidden_block=16, batch_block=16, fused_gates=True,
+    "fused-single": (dict(H=40), KernelConfig(hidden_block=64, batch_block=16, fused_gates=True), True),
+    "fused-multi": (dict(H=40, B=18), KernelConfig(hidden_block=16, batch_block=16, fused_gates=True,
                                                     persistent=False), False),
-    "fused-chunked": (dict(H=40), ForwardConfig(hidden_block=64, batch_block=16, k_block=16, fused_gates=True),
+    "fused-chunked": (dict(H=40), KernelConfig(hidden_block=64, batch_block=16, k_block=16, fused_gates=True),
                       True),
 }
 
@@ -57,15 +57,15 @@ def test_partitions(cell, partition, kernel_device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_dtypes(cell, dtype, chunked, kernel_device):
     torch.manual_seed(2)
-    config = ForwardConfig(32, 16, k_block=16, fused_gates=True) if chunked else None
+    config = KernelConfig(32, 16, k_block=16, fused_gates=True) if chunked else None
     result, ref = run_layer(cell, dtype=dtype, device=kernel_device, H=24, config=config)
     assert result[0].dtype == dtype and result[1].dtype == dtype
     # fp32 under the interpreter is full precision; on a GPU this test may see tf32 only if enabled.
     assert_close(result, ref, TOL[dtype])
 
 
-@pytest.mark.parametrize("config", [None, ForwardConfig(16, 16, persistent=False),
-                                    ForwardConfig(32, 16, k_block=16)], ids=["single", "multi", "chunked"])
+@pytest.mark.parametrize("config", [None, KernelConfig(16, 16, persistent=False),
+                                    KernelConfig(32, 16, k_block=16)], ids=["single", "multi", "chunked"])
 @pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
 def test_packed_and_layouts(cell, config, kernel_device):
     """Packed sequences (lengths 1 and T included), batch_first strides, no h0, no bias."""
@@ -79,8 +79,8 @@ def test_packed_and_layouts(cell, config, kernel_device):
     assert_close(result, ref, TOL[torch.float64])
 
 
-@pytest.mark.parametrize("config", [ForwardConfig(32, 16), ForwardConfig(16, 16, persistent=False),
-                                    ForwardConfig(16, 16, k_block=16, persistent=False)],
+@pytest.mark.parametrize("config", [KernelConfig(32, 16), KernelConfig(16, 16, persistent=False),
+                                    KernelConfig(16, 16, k_block=16, persistent=False)],
                          ids=["single", "multi", "chunked-multi"])
 @pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
 def test_packed_tiles_skip_idle_steps(cell, config, kernel_device):
@@ -97,16 +97,16 @@ def test_unidirectional_and_t1(kernel_device):
     torch.manual_seed(4)
     for T, D in ((1, 1), (1, 2), (3, 1)):
         result, ref = run_layer(Cell.LSTM, T=T, D=D, device=kernel_device,
-                                config=ForwardConfig(16, 16, persistent=False))
+                                config=KernelConfig(16, 16, persistent=False))
         assert_close(result, ref, TOL[torch.float64])
 
 
 def test_stepwise_equals_persistent(kernel_device):
     """One program per group may run either way; both must give the same bits."""
     torch.manual_seed(5)
-    a, _ = run_layer(Cell.GRU, H=30, config=ForwardConfig(32, 16, persistent=True), device=kernel_device)
+    a, _ = run_layer(Cell.GRU, H=30, config=KernelConfig(32, 16, persistent=True), device=kernel_device)
     torch.manual_seed(5)
-    b, _ = run_layer(Cell.GRU, H=30, config=ForwardConfig(32, 16, persistent=False), device=kernel_device)
+    b, _ = run_layer(Cell.GRU, H=30, config=KernelConfig(32, 16, persistent=False), device=kernel_device)
     assert a[3].persistent and not b[3].persistent
     for x, y in zip(a[:2], b[:2]):
         assert torch.equal(x, y)
@@ -122,19 +122,19 @@ def test_fused_four_units_per_program(cell, kernel_device):
     """hidden_block=4: a 16-column fused dot, the narrowest the hardware takes."""
     torch.manual_seed(6)
     result, ref = run_layer(cell, H=10, device=kernel_device,
-                            config=ForwardConfig(hidden_block=4, batch_block=16, fused_gates=True, persistent=False))
+                            config=KernelConfig(hidden_block=4, batch_block=16, fused_gates=True, persistent=False))
     assert result[3].grid[0] == 3
     assert_close(result, ref, TOL[torch.float64])
 
 
 def test_narrow_unfused_dot_refused():
     with pytest.raises(ValueError, match="narrower"):
-        run_layer(Cell.RNN_TANH, config=ForwardConfig(hidden_block=8, batch_block=16, fused_gates=True))
+        run_layer(Cell.RNN_TANH, config=KernelConfig(hidden_block=8, batch_block=16, fused_gates=True))
 
 
 def test_persistent_multi_program_refused_by_interpreter():
     with pytest.raises(ValueError, match="interpreter"):
-        run_layer(Cell.RNN_TANH, H=40, config=ForwardConfig(16, 16, persistent=True))
+        run_layer(Cell.RNN_TANH, H=40, config=KernelConfig(16, 16, persistent=True))
 
 
 @pytest.mark.parametrize("kwargs", [dict(hidden_block=12, batch_block=16), dict(hidden_block=2, batch_block=16),
@@ -143,7 +143,7 @@ def test_persistent_multi_program_refused_by_interpreter():
                                     dict(hidden_block=16, batch_block=16, k_block=24)])
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
-        ForwardConfig(**kwargs)
+        KernelConfig(**kwargs)
 
 
 @pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_RELU], ids=["LSTM", "GRU", "RNN_RELU"])
@@ -156,6 +156,6 @@ def test_every_candidate_of_a_shape(cell, kernel_device):
     for config in configs:
         torch.manual_seed(7)
         result, ref = run_layer(cell, T=3, B=20, H=80, I=8, D=2, device=kernel_device,
-                                config=ForwardConfig(config.hidden_block, config.batch_block, k_block=config.k_block,
+                                config=KernelConfig(config.hidden_block, config.batch_block, k_block=config.k_block,
                                                      fused_gates=config.fused_gates, persistent=False))
         assert_close(result, ref, TOL[torch.float64])
