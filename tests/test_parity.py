@@ -55,6 +55,7 @@ def _cases():
             replace(base, unbatched=True, batch_first=True),
             replace(base, layers=2, bidirectional=True, packed="sorted"),
             replace(base, packed="unsorted", with_hx=True, batch_first=True, B=4),
+            replace(base, layers=3, bidirectional=True, packed="unsorted", dropout=0.2, B=5, T=6),
             replace(base, layers=2, dropout=0.4, with_hx=True),
             replace(base, T=1, B=1, H=3, I=2, bidirectional=True),
         ]
@@ -70,13 +71,10 @@ CASES = _cases()
 
 
 def _lengths(case):
-    if case.packed == "sorted":
-        return torch.tensor(sorted([case.T] + [int(n) for n in torch.randint(1, case.T + 1, (case.B - 1,))],
-                                   reverse=True))
+    """Lengths 1 and T always among them; for enforce_sorted=False the longest is not first."""
     lengths = torch.randint(1, case.T + 1, (case.B,))
-    lengths[1] = case.T  # the longest sequence is not first: enforce_sorted=False must reorder
-    lengths[0] = 1
-    return lengths
+    lengths[0], lengths[1] = 1, case.T
+    return lengths.sort(descending=True).values if case.packed == "sorted" else lengths
 
 
 def _run_case(case: Case, device, dtype, tol):
