@@ -6,10 +6,31 @@ import torch
 import rnn
 from kernels.backward import rnn_bwd
 from kernels.cells import Cell
+from kernels.configs import KernelConfig
 from kernels.forward import rnn_fwd
 from kernels.packing import Packing
 from rnn.functional import _stack_weights
 from rnn.reference import layer_forward
+
+CELL_IDS = [c.name for c in Cell]
+
+# Partitions every kernel must compute right: name -> (sizes, config, runs persistently?). Under
+# the interpreter several programs per group run stepwise only.
+PARTITIONS = {
+    # one program per (direction, batch tile): persistent
+    "single-persistent": (dict(H=17), None, True),
+    # three programs of 16 hidden units, H=40 (last one partly masked): stepwise
+    "multi-stepwise": (dict(H=40), KernelConfig(hidden_block=16, batch_block=16, persistent=False), False),
+    # two batch tiles of 16 rows (second one partly masked), one program each: persistent
+    "batch-tiles": (dict(H=20, B=19), KernelConfig(hidden_block=32, batch_block=16), True),
+    # both at once, stepwise
+    "multi-both": (dict(H=33, B=18), KernelConfig(hidden_block=16, batch_block=16, persistent=False), False),
+    # the reduction streamed in K chunks of 16 (several, the last partly masked), one program
+    "chunked-persistent": (dict(H=40), KernelConfig(hidden_block=64, batch_block=16, k_block=16), True),
+    # K chunks with several programs and batch tiles, stepwise
+    "chunked-multi": (dict(H=40, B=18), KernelConfig(hidden_block=16, batch_block=16, k_block=32, persistent=False),
+                      False),
+}
 
 # Relative-norm tolerances per dtype (CONVENTIONS.md, item 10). fp32 under the interpreter is full
 # precision; tf32 can only be exercised on a GPU.

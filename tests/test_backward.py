@@ -4,24 +4,12 @@ import pytest
 import torch
 
 import rnn
-from helpers import TOL, assert_grads_close, run_backward
+from helpers import CELL_IDS, PARTITIONS, TOL, assert_grads_close, run_backward
 from kernels.cells import Cell
 from kernels.configs import KernelConfig
 from rnn import functional
 
 pytestmark = pytest.mark.interpreter
-CELL_IDS = [c.name for c in Cell]
-
-
-PARTITIONS = {
-    "single-persistent": (dict(H=17), None, True),
-    "multi-stepwise": (dict(H=40), KernelConfig(hidden_block=16, batch_block=16, persistent=False), False),
-    "batch-tiles": (dict(H=20, B=19), KernelConfig(hidden_block=32, batch_block=16), True),
-    "chunked-multi": (dict(H=40, B=18), KernelConfig(hidden_block=16, batch_block=16, k_block=32, persistent=False),
-                      False),
-    "chunked-single": (dict(H=24), KernelConfig(hidden_block=32, batch_block=16, k_block=16), True),
-}
-
 
 @pytest.mark.parametrize("partition", PARTITIONS, ids=list(PARTITIONS))
 @pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)

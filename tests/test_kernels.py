@@ -7,36 +7,22 @@ programs that run one after another would deadlock); one program per group runs 
 import pytest
 import torch
 
-from helpers import TOL, assert_close, run_layer
+from helpers import CELL_IDS, PARTITIONS, TOL, assert_close, run_layer
 from kernels.cells import Cell
 from kernels.configs import KernelConfig
 
 pytestmark = pytest.mark.interpreter
 
 
-CELL_IDS = [c.name for c in Cell]
-
-PARTITIONS = {
-    # one program per (direction, batch tile): persistent
-    "single-persistent": (dict(H=17), None, True),
-    # three programs of 16 hidden units, H=40 (last one partly masked): stepwise
-    "multi-stepwise": (dict(H=40), KernelConfig(hidden_block=16, batch_block=16, persistent=False), False),
-    # two batch tiles of 16 rows (second one partly masked), one program each: persistent
-    "batch-tiles": (dict(H=20, B=19), KernelConfig(hidden_block=32, batch_block=16), True),
-    # both at once, stepwise
-    "multi-both": (dict(H=33, B=18), KernelConfig(hidden_block=16, batch_block=16, persistent=False), False),
-    # W_hh streamed in K chunks of 16 (H=40: three chunks, the last partly masked), one program
-    "chunked-persistent": (dict(H=40), KernelConfig(hidden_block=64, batch_block=16, k_block=16), True),
-    # K chunks with three programs, stepwise
-    "chunked-multi": (dict(H=40), KernelConfig(hidden_block=16, batch_block=16, k_block=32, persistent=False),
-                      False),
+# The partitions every kernel runs (helpers.PARTITIONS), and the forward's fused-gate layouts.
+PARTITIONS = dict(PARTITIONS, **{
     # all gates in one dot (LSTM/GRU; one gate has nothing to fuse): one program, then ten of 4 units
     "fused-single": (dict(H=40), KernelConfig(hidden_block=64, batch_block=16, fused_gates=True), True),
     "fused-multi": (dict(H=40, B=18), KernelConfig(hidden_block=16, batch_block=16, fused_gates=True,
                                                     persistent=False), False),
     "fused-chunked": (dict(H=40), KernelConfig(hidden_block=64, batch_block=16, k_block=16, fused_gates=True),
                       True),
-}
+})
 
 
 @pytest.mark.parametrize("partition", PARTITIONS, ids=list(PARTITIONS))
