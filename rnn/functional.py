@@ -48,6 +48,7 @@ class FusedRNNLayer(torch.autograd.Function):
     activations when a gradient will be needed), rnn_bwd backward."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward then runs under forward's autocast state
     def forward(ctx, cell, packing, batch_first, record, save, x, h0, c0, *flat):
         w_ih, w_hh, bias, b_hn = _stack_weights(cell, _group(flat, True, False))
         h0 = h0.contiguous() if h0 is not None else None
@@ -62,6 +63,7 @@ class FusedRNNLayer(torch.autograd.Function):
         return result.out, result.h_n, result.c_n
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, d_out, d_hn, d_cn):
         if torch.is_grad_enabled():  # create_graph=True: the kernels' own backward has no derivative
             raise RuntimeError("double backward (create_graph=True) through rnn's fused kernels is not "
@@ -93,6 +95,7 @@ class FusedLSTMProjLayer(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, packing, batch_first, record, save, x, h0, c0, *flat):
         groups = _group(flat, True, True)
         w_ih, w_hh, bias, _ = _stack_weights(Cell.LSTM, [g[:4] for g in groups])  # w_hh [D, 4H, P]
@@ -112,6 +115,7 @@ class FusedLSTMProjLayer(torch.autograd.Function):
         return out, h_n, result.c_n
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, d_out, d_hn, d_cn):
         if torch.is_grad_enabled():
             raise RuntimeError("double backward (create_graph=True) through rnn's fused kernels is not "

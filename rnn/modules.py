@@ -4,6 +4,8 @@ Each subclasses its torch.nn twin, so the constructor, its checks, parameter nam
 state_dict, repr and isinstance are torch's own. forward validates as torch.nn does (same exception
 types and messages) and hands the stack to rnn.functional.
 """
+import contextlib
+
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
@@ -51,10 +53,16 @@ class _FusedRNNBase:
         if not packed and data.size(1 if self.batch_first else 0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
-        output, h_n, c_n, path = functional.rnn(
-            cell, input, hx, self._flat_weights, num_layers=self.num_layers, bidirectional=self.bidirectional,
-            batch_first=self.batch_first, dropout=self.dropout, training=self.training, has_bias=self.bias,
-            proj_size=getattr(self, "proj_size", 0))
+        weights = self._flat_weights
+        amp = contextlib.nullcontext()
+        if cuda_autocast(data):
+            input, hx, weights = (_half(input), _half(hx), [_half(w) for w in weights])
+            amp = torch.autocast(data.device.type, enabled=False)  # every op below runs in float16
+        with amp:
+            output, h_n, c_n, path = functional.rnn(
+                cell, input, hx, weights, num_layers=self.num_layers, bidirectional=self.bidirectional,
+                batch_first=self.batch_first, dropout=self.dropout, training=self.training, has_bias=self.bias,
+                proj_size=getattr(self, "proj_size", 0))
         self.last_path = path
         hidden = (h_n, c_n) if is_lstm else h_n
         if packed:
@@ -63,6 +71,25 @@ class _FusedRNNBase:
             output = output.squeeze(0 if self.batch_first else 1)
             hidden = (h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1)
         return output, hidden
+
+
+def cuda_autocast(x: torch.Tensor) -> bool:
+    """Whether torch.nn would run this input under CUDA autocast. There its cuDNN wrapper casts
+    input, hx and weights to float16, whatever autocast's dtype: so do we, for the same outputs."""
+    return x.is_cuda and torch.is_autocast_enabled("cuda")
+
+
+def _half(value):
+    """float16 copy (through autograd) of a tensor, a state pair or a PackedSequence; float64 and
+    non-float tensors stay as they are, as under torch's autocast."""
+    if value is None:
+        return None
+    if isinstance(value, tuple) and not isinstance(value, PackedSequence):
+        return tuple(_half(v) for v in value)
+    data = value.data if isinstance(value, PackedSequence) else value
+    if not data.is_floating_point() or data.dtype == torch.float64:
+        return value
+    return value.to(torch.float16)
 
 
 def _batch_hidden(hx, is_batched: bool, is_lstm: bool):

@@ -228,3 +228,31 @@ def assert_grads_close(ours, ref, tol):
     errors = {k: rel_err(ours[k], ref[k]) for k in ref}
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"relative errors above {tol}: {bad}"
+
+
+def check_autocast(ref, ours, device):
+    """``ours`` (float32 parameters, float32 input) under CUDA autocast against ``ref`` (its
+    torch.nn twin) in float64 with the float16-rounded weights and input that torch's cuDNN
+    wrapper runs on: float16 outputs and states close to that, float32 parameter gradients close
+    to its gradients."""
+    torch.manual_seed(3)
+    x = torch.randn(6, 4, ours.input_size, device=device)
+    with torch.no_grad():
+        ref.load_state_dict({k: v.half().double() for k, v in ours.state_dict().items()})
+    x_ours = x.clone().requires_grad_()
+    x_ref = x.half().double().requires_grad_()
+    # bfloat16: torch.nn on CUDA runs float16 whatever autocast's dtype. (On the CPU the tests
+    # stand CPU autocast in for CUDA's, to check that none of it leaks into the fused layers.)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        our_outs = flatten_output(ours(x_ours))
+    ref_outs = flatten_output(ref(x_ref))
+    assert [o.dtype for o in our_outs] == [torch.float16] * len(ref_outs)
+    for a, b in zip(our_outs, ref_outs):
+        assert rel_err(a, b) <= TOL[torch.float16]
+    upstream = [torch.randn_like(o) for o in ref_outs]
+    torch.autograd.backward(our_outs, [u.half() for u in upstream])
+    torch.autograd.backward(ref_outs, upstream)
+    assert x_ours.grad.dtype == torch.float32 and rel_err(x_ours.grad, x_ref.grad) <= 2e-2
+    for (name, p_ours), (_, p_ref) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert p_ours.grad.dtype == torch.float32, name
+        assert rel_err(p_ours.grad, p_ref.grad) <= 2e-2, name

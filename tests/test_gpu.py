@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import rnn
-from helpers import TOL, assert_close, assert_grads_close, compare_modules, rel_err, run_backward, run_layer
+from helpers import (TOL, assert_close, assert_grads_close, check_autocast, compare_modules, flatten_output, rel_err,
+                     run_backward, run_layer)
 from kernels.cells import Cell
 from kernels.configs import KernelConfig
 
@@ -186,3 +187,17 @@ def test_fused_backward_at_scale(cell):
     torch.manual_seed(12)
     ours, ref, _ = run_backward(cell, T=6, B=64, I=64, H=1024, dtype=torch.bfloat16, device="cuda")
     assert_grads_close(ours, ref, BACKWARD_TOL["bf16"])
+
+
+@pytest.mark.parametrize("mode", list(MODULES))
+def test_autocast_matches_torch(mode):
+    """Under CUDA autocast both torch.nn (cuDNN) and ours run float16: same dtypes, close values."""
+    torch.manual_seed(5)
+    cls, extra = MODULES[mode]
+    ref = cls(48, 96, num_layers=2, bidirectional=True, device="cuda", **extra)
+    ours = rnn.from_torch(copy.deepcopy(ref))
+    check_autocast(copy.deepcopy(ref).double(), ours, "cuda")
+    x = torch.randn(3, 5, 48, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        theirs, mine = flatten_output(ref(x)), flatten_output(ours(x))
+    assert [t.dtype for t in mine] == [t.dtype for t in theirs]

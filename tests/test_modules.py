@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rnn
-from helpers import TOL, compare_modules, make_pair, rel_err
+from helpers import TOL, check_autocast, compare_modules, make_pair, rel_err
 
 CLASSES = [(rnn.RNN, torch.nn.RNN, {}), (rnn.RNN, torch.nn.RNN, {"nonlinearity": "relu"}),
            (rnn.LSTM, torch.nn.LSTM, {}), (rnn.LSTM, torch.nn.LSTM, {"proj_size": 3}), (rnn.GRU, torch.nn.GRU, {})]
@@ -132,3 +132,17 @@ def test_zero_batch():
     x = torch.randn(4, 0, 3, dtype=torch.float64)
     out, (h, c) = ours(x)
     assert out.shape == ref(x)[0].shape == (4, 0, 10) and h.shape == c.shape == (2, 0, 5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("ours_cls, torch_cls, extra", CLASSES, ids=CLASS_IDS)
+def test_autocast_runs_float16_like_cudnn(ours_cls, torch_cls, extra, monkeypatch):
+    """CUDA autocast's path (casting to float16, autocast off inside) through the interpreter:
+    CPU autocast stands in for CUDA's, so a bfloat16 op leaking into the layers would show."""
+    monkeypatch.setattr(rnn.modules, "cuda_autocast", lambda x: True)
+    ours = ours_cls(**SHAPES, **extra).train()
+    ours.dropout = 0.0  # the float64 twin cannot draw the same masks
+    ref = torch_cls(**SHAPES, **extra, dtype=torch.float64)
+    ref.dropout = 0.0
+    check_autocast(ref, ours, "cpu")
+    assert ours.last_path.backend == "triton"
