@@ -9,7 +9,7 @@ import triton.language as tl
 from kernels import env
 from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
-from kernels.configs import KernelConfig, default_backward_config
+from kernels.configs import KernelConfig, check_stages, default_backward_config
 from kernels.packing import Packing
 from kernels.forward import (LaunchInfo, _choose_persistent, _sm_count, layout_strides, max_registers, seq_offsets,
                              tile_steps)
@@ -27,8 +27,8 @@ def _load_start(init_ptr, buf_ptr, offs, mask, t0, HAS_INIT: tl.constexpr, ACC: 
 
 @triton.jit
 def _recurrent_grad(src, w, w_dir, units, unit_ok, g_rows, row_ok, KG, H, BB: tl.constexpr, HB: tl.constexpr,
-                    BK: tl.constexpr, KB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                    ACC: tl.constexpr):
+                    BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr, ACC: tl.constexpr):
     """dgates_{t+1} [BB, G*H] (every program's, from ``src``) times this program's columns of
     W_hh [G*H, HB]: the gradient reaching h_t through the recurrence."""
     ks = tl.arange(0, KB)
@@ -38,7 +38,7 @@ def _recurrent_grad(src, w, w_dir, units, unit_ok, g_rows, row_ok, KG, H, BB: tl
         return tl.dot(g.to(w.dtype), w, input_precision=PRECISION, out_dtype=ACC)
     else:
         acc = tl.zeros([BB, HB], ACC)
-        for k0 in range(0, KG, KB):
+        for k0 in tl.range(0, KG, KB, num_stages=STAGES):
             kk = k0 + ks
             wc = tl.load(w_dir + kk[:, None] * H + units[None, :], mask=(kk < KG)[:, None] & unit_ok[None, :],
                          other=0.0)
@@ -91,7 +91,7 @@ def rnn_bwd_kernel(
     finish,  # 1: then (every step's gates published) the gradients of h0 and c0
     stride_ot, stride_ob, stride_dt, stride_db,
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
+    HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr,
     HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr, HAS_DCN: tl.constexpr,
     SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -144,7 +144,7 @@ def rnn_bwd_kernel(
         t = T - 1 - s + d * (2 * s - T + 1)  # forward time of this step: the reverse direction's is s
         # The exchange slot of step s-1 (zeros before this tile's first step).
         dh = dh_carry + _recurrent_grad(xbuf_ptr + ((s + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows, row_ok,
-                                        KG, H, BB, HB, BK, KB, UPCAST, PRECISION, ACC)
+                                        KG, H, BB, HB, BK, KB, STAGES, UPCAST, PRECISION, ACC)
         active = row_ok & (t < lengths)
         act2 = active[:, None] & unit_ok[None, :]
         if HAS_DOUT:
@@ -200,7 +200,7 @@ def rnn_bwd_kernel(
     if finish != 0:
         # The tile's last step's gates (slot of step s_hi - 1) reach h0 through W_hh as well.
         dh0 = dh_carry + _recurrent_grad(xbuf_ptr + ((s_hi + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows,
-                                         row_ok, KG, H, BB, HB, BK, KB, UPCAST, PRECISION, ACC)
+                                         row_ok, KG, H, BB, HB, BK, KB, STAGES, UPCAST, PRECISION, ACC)
         tl.store(dh0_ptr + state, dh0.to(dh0_ptr.dtype.element_ty), mask=own_mask)
         if CELL == LSTM:
             tl.store(dc0_ptr + state, dc.to(dc0_ptr.dtype.element_ty), mask=own_mask)
@@ -327,12 +327,14 @@ def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool
     if cfg.hidden_block < 16:
         raise ValueError(f"rnn_bwd: hidden_block must be at least 16 (one dot tile), got {cfg.hidden_block}")
     full_k = max(16, triton.next_power_of_2(cell.gates * H))
+    check_stages(cfg, cfg.k_block is None or cfg.k_block >= full_k)
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=full_k,
-                KB=min(cfg.k_block or full_k, full_k), HAS_H0=has_h0, HAS_C0=has_c0, PACKED=packed,
+                KB=min(cfg.k_block or full_k, full_k), STAGES=cfg.num_stages, HAS_H0=has_h0, HAS_C0=has_c0, PACKED=packed,
                 HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn, UPCAST=upcast, PRECISION=precision,
                 # Left to itself ptxas often caps this kernel at 128 registers and spills.
                 num_warps=cfg.num_warps, maxnreg=max_registers(cfg.num_warps),
-                # No software pipelining: it could hoist the next step's loads above the barrier.
+                # No software pipelining of the time loop (the K loop has STAGES): it could hoist
+                # the next step's loads above the barrier.
                 num_stages=1)
 
 

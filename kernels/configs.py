@@ -1,5 +1,6 @@
 """Launch configurations of the recurrent kernels: the config type, the heuristic default, the
 space the autotuner searches and its on-disk cache."""
+import itertools
 import json
 import os
 import tempfile
@@ -25,6 +26,9 @@ class KernelConfig:
         fourth gate is zeros) instead of one dot per gate (N = hidden_block each).
     persistent: one launch for all timesteps with a grid barrier (True), one launch per step
         (False), or the launcher's choice (None): persistent whenever the grid is co-resident.
+    num_stages: software-pipelining depth of the K-chunk loop (streamed W_hh only: the next
+        chunks load while the current one multiplies). The time loop is never pipelined: that
+        could hoist the next step's load of h above the grid barrier.
     """
 
     hidden_block: int
@@ -33,6 +37,7 @@ class KernelConfig:
     fused_gates: bool = False
     num_warps: int = 4
     persistent: bool | None = None
+    num_stages: int = 1
 
     def __post_init__(self):
         for name, least in (("hidden_block", 4), ("batch_block", MIN_TILE), ("k_block", MIN_TILE)):
@@ -43,6 +48,15 @@ class KernelConfig:
                 raise ValueError(f"{name} must be a power of two >= {least}, got {value}")
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"num_warps must be a power of two up to 16, got {self.num_warps}")
+        if self.num_stages not in (1, 2, 3, 4):
+            raise ValueError(f"num_stages must be 1 to 4, got {self.num_stages}")
+
+
+def check_stages(cfg: KernelConfig, resident: bool):
+    """num_stages pipelines the K-chunk loop, which only a streamed W_hh has."""
+    if cfg.num_stages > 1 and resident:
+        raise ValueError(f"num_stages={cfg.num_stages} pipelines the K-chunk loop of a streamed W_hh; this "
+                         f"partition keeps W_hh resident (set k_block below the padded reduction)")
 
 
 def k_block(hidden_size: int) -> int:
@@ -138,8 +152,9 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
 def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
                       sms: int = H100_SMS) -> list[KernelConfig]:
     """The autotuning space of one shape: the default, then its neighbours (half and double the
-    hidden block, the other K mode, the other gate layout, the other warp count), every one within
-    the compile-checked bounds (no shared-memory overflow)."""
+    hidden block, the other K mode, the other gate layout, the other warp count, and a streamed
+    W_hh with its chunk loads pipelined two deep), every one within the compile-checked bounds (no
+    shared-memory overflow)."""
     base = default_forward_config(hidden_size, batch, gates, elt_size, False, directions, sms)
     fused_options = (True, False) if gates > 1 else (False,)
     out = [base]
@@ -153,8 +168,9 @@ def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, d
                 if k is None and not _fits_resident(columns // 2, k_block(hidden_size), base.batch_block // 2,
                                                     elt_size):
                     continue  # resident slices well past the bound only spill or overflow shared memory
-                for warps in (4, 8):
-                    cfg = KernelConfig(hb, base.batch_block, k_block=k, fused_gates=fused, num_warps=warps)
+                for warps, stages in itertools.product((4, 8), (1, 2) if k else (1,)):
+                    cfg = KernelConfig(hb, base.batch_block, k_block=k, fused_gates=fused, num_warps=warps,
+                                       num_stages=stages)
                     if cfg not in out:
                         out.append(cfg)
     return out
@@ -163,7 +179,8 @@ def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, d
 def describe(cfg: KernelConfig) -> str:
     """A short name of a config, for reports and logs."""
     return (f"HB{cfg.hidden_block}-BB{cfg.batch_block}-KB{cfg.k_block or 'all'}"
-            f"{'-fused' if cfg.fused_gates else ''}-w{cfg.num_warps}")
+            f"{'-fused' if cfg.fused_gates else ''}-w{cfg.num_warps}"
+            f"{f'-s{cfg.num_stages}' if cfg.num_stages > 1 else ''}")
 
 
 CACHE_FORMAT = 1

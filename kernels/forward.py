@@ -13,7 +13,7 @@ from kernels import env
 from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
 from kernels.packing import Packing
-from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs,
+from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, check_stages,
                              default_forward_config, describe, k_block, tuning_key)
 
 
@@ -148,8 +148,8 @@ def rnn_fwd_kernel(
     T, B, H, t0, t1,  # this launch runs steps [t0, t1) of T
     stride_xt, stride_xb, stride_ot, stride_ob,  # packed: the row strides in stride_xb, stride_ob
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, FUSED: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr, HAS_BHN: tl.constexpr,
+    HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr,
+    FUSED: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr, HAS_BHN: tl.constexpr,
     SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
@@ -157,7 +157,7 @@ def rnn_fwd_kernel(
 
     KB == BK: the program's rows of W_hh stay on-chip for every step and h_{t-1} is read whole.
     KB < BK: the reduction over H runs in chunks of KB, W_hh and h streamed from L2 each step
-    (for slices too large to keep on-chip). FUSED: all gates in one dot (see _weights).
+    (for slices too large to keep on-chip), STAGES chunks in flight. FUSED: all gates in one dot (see _weights).
     PACKED: inputs and outputs in torch's packed layout; a sequence past its length keeps its
     state, and a batch tile skips the steps in which all its sequences are idle.
     SAVE (training): per step, LSTM saves sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) and c_t;
@@ -212,7 +212,7 @@ def rnn_fwd_kernel(
             a2 = a0
             a3 = a0
             src = hbuf_ptr + (s % 2) * slot
-            for k0 in range(0, BK, KB):
+            for k0 in tl.range(0, BK, KB, num_stages=STAGES):
                 kk = k0 + ks
                 h_chunk = _load_state(h0_ptr, src, state_rows + kk[None, :], row_ok[:, None] & (kk < H)[None, :],
                                       s - s_lo, HAS_H0, ACC)
@@ -547,14 +547,16 @@ def kernel_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, 
     if (4 if fused else 1) * cfg.hidden_block < MIN_TILE:
         raise ValueError(f"hidden_block={cfg.hidden_block} makes a dot narrower than {MIN_TILE} columns"
                          + ("" if fused else "; use at least 16, or fused_gates for LSTM/GRU"))
+    check_stages(cfg, _resident(H, cfg))
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
-                KB=min(cfg.k_block or k_block(H), k_block(H)), FUSED=fused, HAS_H0=has_h0, HAS_C0=has_c0,
+                KB=min(cfg.k_block or k_block(H), k_block(H)), STAGES=cfg.num_stages, FUSED=fused, HAS_H0=has_h0, HAS_C0=has_c0,
                 PACKED=packed, HAS_BHN=has_bhn, UPCAST=upcast, PRECISION=precision, SAVE=save,
                 num_warps=cfg.num_warps,
                 # Streaming W_hh, ptxas tends to cap itself at 128 registers and spill; given the
                 # budget it does not (sm_90 compiles). Resident slices fare better without one.
                 maxnreg=None if _resident(H, cfg) else max_registers(cfg.num_warps),
-                # No software pipelining: it could hoist the next step's h load above the barrier.
+                # No software pipelining of the time loop (the K loop has STAGES): it could hoist
+                # the next step's h load above the barrier.
                 num_stages=1)
 
 

@@ -135,6 +135,10 @@ def variants(quick: bool, space: bool):
     for flag in ("has_dout", "has_dhn", "has_h0"):
         yield f"bwd-GRU-bf16-no-{flag}", "bwd", Cell.GRU, "bf16", 64, KernelConfig(16, 16, k_block=32), True, \
             False, {flag: False}
+    # The backward's K loop pipelined (the forward's is among the candidates).
+    for H in (256, 1024):
+        yield f"bwd-LSTM-bf16-H{H}-stages2", "bwd", Cell.LSTM, "bf16", H, \
+            KernelConfig(32, 16, k_block=128, num_warps=8, num_stages=2), True, False, None
 
 
 def _compile_job(job):

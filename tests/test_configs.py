@@ -25,6 +25,29 @@ def test_defaults_and_candidates_are_valid(H, B, gates, elt, D):
         assert width * cfg.hidden_block >= 16, cfg
         assert cfg.batch_block == default.batch_block
         assert not cfg.fused_gates or gates > 1
+        assert cfg.num_stages == 1 or cfg.k_block is not None  # only a K-chunk loop pipelines
+    streamed = any(c.k_block for c in candidates)
+    assert any(c.num_stages > 1 for c in candidates) == streamed
+
+
+def test_pipelining_needs_a_streamed_reduction():
+    from kernels.backward import backward_meta
+    from kernels.cells import Cell
+    from kernels.forward import kernel_meta
+
+    flags = dict(has_h0=True, has_c0=True, packed=False, upcast=False, precision="ieee")
+    streamed = KernelConfig(16, 16, k_block=32, fused_gates=True, num_stages=3)
+    assert kernel_meta(Cell.LSTM, 1, 100, streamed, has_bhn=False, **flags)["STAGES"] == 3
+    assert backward_meta(Cell.LSTM, 1, 100, streamed, has_dout=True, has_dhn=True, has_dcn=True, **flags)["STAGES"] == 3
+    for resident in (KernelConfig(16, 16, fused_gates=True, num_stages=2),
+                     KernelConfig(16, 16, k_block=128, fused_gates=True, num_stages=2)):  # 128 >= H padded
+        with pytest.raises(ValueError, match="num_stages=2 pipelines the K-chunk loop"):
+            kernel_meta(Cell.LSTM, 1, 100, resident, has_bhn=False, **flags)
+    with pytest.raises(ValueError, match="num_stages=2 pipelines the K-chunk loop"):
+        backward_meta(Cell.LSTM, 1, 100, KernelConfig(16, 16, num_stages=2), has_dout=True, has_dhn=True, has_dcn=True,
+                      **flags)
+    with pytest.raises(ValueError, match="num_stages must be 1 to 4"):
+        KernelConfig(16, 16, k_block=32, num_stages=0)
 
 
 def test_default_spreads_small_batches_over_the_sms():
