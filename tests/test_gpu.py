@@ -112,6 +112,7 @@ SCALE_SHAPES = {  # (T, B, H): issue 4's corners; input size 64 keeps the refere
     "H2048-B4": (6, 4, 2048),
     "H1024-B64": (12, 64, 1024),
     "H512-B512": (4, 512, 512),
+    "H2048-B512": (2, 512, 2048),
     "H200-B3-T1": (1, 3, 200),
 }
 
