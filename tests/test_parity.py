@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from helpers import TOL, compare_modules, make_pair
+from helpers import TOL, compare_modules, make_pair, rel_err
 
 MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
 
@@ -136,3 +136,38 @@ def test_parity_kernels_fp32(case, kernel_device, monkeypatch):
     monkeypatch.setenv("RNN_BACKEND", "triton")
     ours = _run_case(case, kernel_device, torch.float32, TOL[torch.float32])
     assert ours.last_path.backend == "triton"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("needs", ["input-only", "weights-only"])
+@pytest.mark.parametrize("mode, proj", [("LSTM", 0), ("LSTM", 4), ("GRU", 0), ("RNN_TANH", 0)],
+                         ids=["LSTM", "LSTM-proj", "GRU", "RNN-tanh"])
+def test_partial_gradients_and_strided_input(mode, proj, needs, kernel_device, monkeypatch):
+    """Frozen weights (only the input needs a gradient), or an input that needs none (a first
+    layer's data); the input a non-contiguous view, as a permute leaves it."""
+    monkeypatch.setenv("RNN_BACKEND", "triton")
+    torch.manual_seed(2)
+    ref, ours = make_pair(mode, 5, 9, device=kernel_device, num_layers=2, bidirectional=True,
+                          **({"proj_size": proj} if proj else {}))
+    for p in (*ref.parameters(), *ours.parameters()):
+        p.requires_grad_(needs == "weights-only")
+    base = torch.randn(3, 5, 6, dtype=torch.float64, device=kernel_device)  # [B, I, T]
+    results = []
+    for module in (ref, ours):
+        leaf = base.clone().requires_grad_(needs == "input-only")
+        x = leaf.permute(2, 0, 1)  # [T, B, I], not contiguous
+        assert not x.is_contiguous()
+        out, hidden = module(x)
+        outs = [out, *(hidden if isinstance(hidden, tuple) else (hidden,))]
+        torch.manual_seed(3)
+        torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+        results.append((outs, leaf.grad, [p.grad for p in module.parameters()]))
+    (ref_outs, ref_dx, ref_dw), (our_outs, our_dx, our_dw) = results
+    for a, b in zip(our_outs, ref_outs):
+        assert rel_err(a, b) <= TOL[torch.float64]
+    if needs == "input-only":
+        assert rel_err(our_dx, ref_dx) <= TOL[torch.float64]
+        assert all(g is None for g in our_dw)
+    else:
+        assert our_dx is None
+        assert all(rel_err(a, b) <= TOL[torch.float64] for a, b in zip(our_dw, ref_dw))
