@@ -329,8 +329,8 @@ def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool
     full_k = max(16, triton.next_power_of_2(cell.gates * H))
     check_stages(cfg, cfg.k_block is None or cfg.k_block >= full_k)
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=full_k,
-                KB=min(cfg.k_block or full_k, full_k), STAGES=cfg.num_stages, HAS_H0=has_h0, HAS_C0=has_c0, PACKED=packed,
-                HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn, UPCAST=upcast, PRECISION=precision,
+                KB=min(cfg.k_block or full_k, full_k), STAGES=cfg.num_stages, HAS_H0=has_h0, HAS_C0=has_c0,
+                PACKED=packed, HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn, UPCAST=upcast, PRECISION=precision,
                 # Left to itself ptxas often caps this kernel at 128 registers and spills.
                 num_warps=cfg.num_warps, maxnreg=max_registers(cfg.num_warps),
                 # No software pipelining of the time loop (the K loop has STAGES): it could hoist

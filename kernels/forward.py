@@ -157,7 +157,8 @@ def rnn_fwd_kernel(
 
     KB == BK: the program's rows of W_hh stay on-chip for every step and h_{t-1} is read whole.
     KB < BK: the reduction over H runs in chunks of KB, W_hh and h streamed from L2 each step
-    (for slices too large to keep on-chip), STAGES chunks in flight. FUSED: all gates in one dot (see _weights).
+    (for slices too large to keep on-chip), STAGES chunks in flight. FUSED: all gates in one dot
+    (see _weights).
     PACKED: inputs and outputs in torch's packed layout; a sequence past its length keeps its
     state, and a batch tile skips the steps in which all its sequences are idle.
     SAVE (training): per step, LSTM saves sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) and c_t;
@@ -549,8 +550,8 @@ def kernel_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, 
                          + ("" if fused else "; use at least 16, or fused_gates for LSTM/GRU"))
     check_stages(cfg, _resident(H, cfg))
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
-                KB=min(cfg.k_block or k_block(H), k_block(H)), STAGES=cfg.num_stages, FUSED=fused, HAS_H0=has_h0, HAS_C0=has_c0,
-                PACKED=packed, HAS_BHN=has_bhn, UPCAST=upcast, PRECISION=precision, SAVE=save,
+                KB=min(cfg.k_block or k_block(H), k_block(H)), STAGES=cfg.num_stages, FUSED=fused, HAS_H0=has_h0,
+                HAS_C0=has_c0, PACKED=packed, HAS_BHN=has_bhn, UPCAST=upcast, PRECISION=precision, SAVE=save,
                 num_warps=cfg.num_warps,
                 # Streaming W_hh, ptxas tends to cap itself at 128 registers and spill; given the
                 # budget it does not (sm_90 compiles). Resident slices fare better without one.
