@@ -2,6 +2,7 @@
 autotuner that picks its partition."""
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -519,13 +520,7 @@ def _tune(layer: _Layer, key: str, repeats: int = 3):
                                  _sm_count(layer.device)):
         try:
             layer.launch(cfg, out, hn, cn, steps)  # compiles; also the warm-up
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(repeats):
-                layer.launch(cfg, out, hn, cn, steps)
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end) / repeats / steps
+            ms = _time_ms(lambda: layer.launch(cfg, out, hn, cn, steps), repeats, layer.device) / steps
         except (triton.runtime.errors.OutOfResources, ValueError, RuntimeError):
             ms = math.inf  # a candidate this device cannot run
         timings[describe(cfg)] = ms
@@ -533,6 +528,23 @@ def _tune(layer: _Layer, key: str, repeats: int = 3):
             best, best_ms = cfg, ms
     autotune_cache().put(key, best, {k: v for k, v in timings.items() if math.isfinite(v)})
     return best, timings
+
+
+def _time_ms(run, repeats: int, device: torch.device) -> float:
+    """Milliseconds per call of run(): CUDA events on a GPU, the wall clock elsewhere (where only
+    the tests tune, through the interpreter)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        return (time.perf_counter() - start) * 1e3 / repeats
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def _sm_count(device: torch.device) -> int:

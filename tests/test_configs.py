@@ -9,7 +9,7 @@ import triton
 
 from kernels import env
 from kernels.configs import (TUNED_SIZES, AutotuneCache, KernelConfig, candidate_configs, default_forward_config,
-                             tuning_key)
+                             describe, tuning_key)
 from kernels.forward import _Layer, _tuned_or_default, autotune_cache
 
 SHAPES = [(H, B, gates, elt, D) for H, B in TUNED_SIZES for gates in (1, 3, 4) for elt in (2, 4) for D in (1, 2)]
@@ -137,3 +137,37 @@ def test_no_tuning_off_cuda(monkeypatch, tmp_path):
     layer = _Layer(2, x, torch.randn(4 * 8, 4), torch.randn(1, 4 * 8, 8), None, None, None, None, None, False)
     assert _tuned_or_default(layer) == layer.default_config()
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.interpreter
+def test_tuning_times_every_candidate_and_caches_the_winner(monkeypatch, tmp_path):
+    """The autotuner's own logic, run through the interpreter (the wall clock stands in for CUDA
+    events): every candidate runs, one that fails counts as infinitely slow, the fastest of the
+    rest is cached with the timings."""
+    from kernels import forward
+    from kernels.cells import Cell
+
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    H = 72  # pads to 128 > the streamed chunk: resident, streamed and pipelined candidates
+    layer = _Layer(Cell.LSTM, torch.randn(2, 5, 4), torch.randn(4 * H, 4), torch.randn(1, 4 * H, H), None, None,
+                   None, None, None, False)
+    candidates = candidate_configs(H, 5, 4, 4, 1)
+    assert any(c.num_stages > 1 for c in candidates) and any(c.k_block is None for c in candidates)
+    broken = candidates[1]
+    launch = _Layer.launch
+
+    def failing_launch(self, cfg, *args, **kwargs):
+        if cfg == broken:
+            raise RuntimeError("cannot launch")
+        return launch(self, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(_Layer, "launch", failing_launch)
+    winner, timings = forward._tune(layer, "the-key", repeats=1)
+    assert set(timings) == {describe(c) for c in candidates}
+    assert timings[describe(broken)] == float("inf")
+    finite = {name: ms for name, ms in timings.items() if ms != float("inf")}
+    assert len(finite) == len(candidates) - 1 and all(ms > 0 for ms in finite.values())
+    assert describe(winner) == min(finite, key=finite.get)
+    entry = json.loads((tmp_path / "autotune.json").read_text())["entries"]["the-key"]
+    assert KernelConfig(**entry["config"]) == winner and entry["timings_ms_per_step"] == finite
