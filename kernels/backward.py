@@ -11,8 +11,8 @@ from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
 from kernels.configs import KernelConfig, check_stages, default_backward_config
 from kernels.packing import Packing
-from kernels.forward import (LaunchInfo, _choose_persistent, _sm_count, layout_strides, max_registers, seq_offsets,
-                             tile_steps)
+from kernels.forward import (LaunchInfo, _choose_persistent, _sm_count, layout_strides, max_registers,
+                             on_input_device, seq_offsets, tile_steps)
 
 
 @triton.jit
@@ -224,6 +224,7 @@ class BackwardResult(NamedTuple):
     info: LaunchInfo
 
 
+@on_input_device
 def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, saved, d_out, d_hn, d_cn,
             batch_first: bool, need_dx: bool = True, config: KernelConfig | None = None, dg=None, dh0=None,
             dc0=None) -> BackwardResult:

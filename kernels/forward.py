@@ -1,5 +1,6 @@
 """Persistent forward kernel of one recurrent layer (both directions), its launcher and the
 autotuner that picks its partition."""
+import functools
 import math
 import os
 import time
@@ -329,6 +330,19 @@ class ForwardResult(NamedTuple):
     saved: torch.Tensor | None  # [T, B, D, G+1, H] ([N, D, G+1, H] packed), input dtype (save=True, LSTM/GRU)
 
 
+def on_input_device(launcher):
+    """Run ``launcher(cell, x, ...)`` with x's GPU as the current device: Triton launches on the
+    current device, which need not hold the tensors (a model on cuda:1, say)."""
+    @functools.wraps(launcher)
+    def guarded(cell, x, *args, **kwargs):
+        if not x.is_cuda:
+            return launcher(cell, x, *args, **kwargs)
+        with torch.cuda.device(x.device):
+            return launcher(cell, x, *args, **kwargs)
+    return guarded
+
+
+@on_input_device
 def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias, b_hn, h0, c0,
             packing: Packing | None, batch_first: bool, config: KernelConfig | None = None, out=None, hn=None,
             cn=None, save: bool = False, first_step=None) -> ForwardResult:
@@ -494,6 +508,7 @@ def _tuned_or_default(layer: _Layer) -> KernelConfig:
 TUNE_STEPS = 64  # timesteps each candidate runs while tuning; the time per step is what counts
 
 
+@on_input_device
 def tune_forward(cell: Cell, x, w_ih, w_hh, bias=None, b_hn=None, batch_first: bool = False):
     """Tune one layer shape now (whatever the cache holds) on these inputs, and cache the winner.
 

@@ -145,3 +145,28 @@ def test_every_candidate_of_a_shape(cell, kernel_device):
                                 config=KernelConfig(config.hidden_block, config.batch_block, k_block=config.k_block,
                                                      fused_gates=config.fused_gates, persistent=False))
         assert_close(result, ref, TOL[torch.float64])
+
+
+def test_launchers_run_on_the_inputs_gpu(monkeypatch):
+    """Triton launches on the current device: the launchers make the input's GPU current (a model
+    on cuda:1 while cuda:0 is current). Checked with a stand-in tensor and a recording guard."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from kernels.backward import rnn_bwd
+    from kernels.forward import on_input_device, rnn_fwd, tune_forward
+
+    current = []
+
+    @contextlib.contextmanager
+    def device_guard(device):
+        current.append(device)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    seen = on_input_device(lambda cell, x: list(current))
+    gpu1 = torch.device("cuda", 1)
+    assert seen(Cell.LSTM, SimpleNamespace(is_cuda=True, device=gpu1)) == [gpu1]
+    assert seen(Cell.LSTM, torch.zeros(1)) == []
+    assert all(f.__code__ is seen.__code__ for f in (rnn_fwd, rnn_bwd, tune_forward))  # all three are guarded
