@@ -9,10 +9,12 @@ import triton.language as tl
 from kernels import env
 from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
-from kernels.configs import KernelConfig, check_stages, default_backward_config
+from kernels.configs import (KernelConfig, backward_reduction, candidate_backward_configs, check_stages,
+                             default_backward_config)
 from kernels.packing import Packing
-from kernels.forward import (LaunchInfo, _choose_persistent, _sm_count, layout_strides, max_registers,
-                             on_input_device, seq_offsets, tile_steps)
+from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _sm_count, autotune_cache, layer_key,
+                             layout_strides, max_registers, may_tune, on_input_device, seq_offsets, tile_steps,
+                             time_candidates)
 
 
 @triton.jit
@@ -253,7 +255,6 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
         raise RuntimeError("rnn_bwd: Triton kernels need a CUDA tensor or TRITON_INTERPRET=1")
     if cell in (Cell.LSTM, Cell.GRU) and saved is None:
         raise ValueError("rnn_bwd: LSTM and GRU need the activations saved by rnn_fwd(save=True)")
-    cfg = config or default_backward_config(H, B, G, w_hh.element_size(), interpreting, D, _sm_count(x.device))
     device, dtype = x.device, x.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     dg = torch.empty(*seqs, D, GR, H, dtype=dtype, device=device) if dg is None else dg
@@ -261,43 +262,53 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
     if cell == Cell.LSTM and dc0 is None:
         dc0 = torch.empty(D, B, H, dtype=dtype, device=device)
     dc0 = dc0 if cell == Cell.LSTM else None
-    n_h = triton.cdiv(H, cfg.hidden_block)
-    grid = (n_h, triton.cdiv(B, cfg.batch_block), D)
-    if B > 0:
+    if d_out is not None and d_out.stride(-1) != 1:
+        d_out = d_out.contiguous()  # e.g. the expanded gradient of a sum
+    lengths, offsets = (packing.lengths, packing.offsets) if packing is not None else (None, None)
+    strides = layout_strides(out, packing, batch_first)
+    strides += (0, 0) if d_out is None else layout_strides(d_out, packing, batch_first)
+    precision = "tf32" if (dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+
+    def launch(cfg: KernelConfig, steps: int | None = None) -> LaunchInfo:
+        """The reverse-time loop with partition cfg: every step and then the gradients of h0 and
+        c0, or (tuning) only the first ``steps`` steps."""
+        n_h = triton.cdiv(H, cfg.hidden_block)
+        grid = (n_h, triton.cdiv(B, cfg.batch_block), D)
         xbuf = torch.zeros(2, D, B, G * H, dtype=acc, device=device)
         dhbuf = torch.empty(D, B, H, dtype=acc, device=device)
         dcbuf = torch.empty_like(dhbuf) if cell == Cell.LSTM else dhbuf
         sync = torch.zeros(grid[1] * D, dtype=torch.int32, device=device)
-        if d_out is not None and d_out.stride(-1) != 1:
-            d_out = d_out.contiguous()  # e.g. the expanded gradient of a sum
         dummy = xbuf
-        lengths, offsets = (packing.lengths, packing.offsets) if packing is not None else (None, None)
         args = tuple(t if t is not None else dummy for t in (
             saved, out, h0, c0, lengths, offsets, w_hh, d_out, d_hn, d_cn, dg, dh0, dc0, xbuf, dhbuf, dcbuf, sync))
         args += (T, B, H)
-        strides = layout_strides(out, packing, batch_first)
-        strides += (0, 0) if d_out is None else layout_strides(d_out, packing, batch_first)
         meta = backward_meta(cell, D, H, cfg, has_h0=h0 is not None, has_c0=c0 is not None,
                              packed=packing is not None, has_dout=d_out is not None, has_dhn=d_hn is not None,
                              has_dcn=d_cn is not None, upcast=interpreting and dtype == torch.bfloat16,
-                             precision="tf32" if (dtype == torch.float32 and x.is_cuda
-                                                  and torch.backends.cuda.matmul.allow_tf32) else "ieee")
+                             precision=precision)
         persistent = _choose_persistent(rnn_bwd_kernel, cfg, grid, args, (1, *strides), meta, device, interpreting)
+        t1, finish = (T, 1) if steps is None else (steps, 0)
         if persistent:
-            rnn_bwd_kernel[grid](*args, 0, T, 1, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, **meta)
+            rnn_bwd_kernel[grid](*args, 0, t1, finish, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1,
+                                 **meta)
         else:
             # One launch per step; a last one, after every program published the first step's
             # gates, for the gradients of h0 and c0.
-            for s in range(T):
+            for s in range(t1):
                 rnn_bwd_kernel[grid](*args, s, s + 1, 0, *strides, SYNC=False, **meta)
-            rnn_bwd_kernel[grid](*args, T, T, 1, *strides, SYNC=False, **meta)
+            if finish:
+                rnn_bwd_kernel[grid](*args, T, T, 1, *strides, SYNC=False, **meta)
+        return LaunchInfo("rnn_bwd_kernel", cfg, grid, persistent)
+
+    if B > 0:
+        info = launch(config or _tuned_or_default(cell, T, B, w_hh, precision, packing, launch))
     else:
-        persistent = False
+        cfg = config or default_backward_config(H, B, G, w_hh.element_size(), interpreting, D, _sm_count(device))
+        info = LaunchInfo("rnn_bwd_kernel", cfg, (triton.cdiv(H, cfg.hidden_block), 0, D), False)
         dg.zero_()
         dh0.zero_()
         if dc0 is not None:
             dc0.zero_()
-    info = LaunchInfo("rnn_bwd_kernel", cfg, grid, persistent)
 
     # Everything else is one GEMM (or one reduction) over all timesteps (all real tokens).
     rows = dg.shape[0] * (1 if packing is not None else B)
@@ -321,13 +332,32 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
     return BackwardResult(dg, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, info)
 
 
+def _tuned_or_default(cell: Cell, T: int, B: int, w_hh, precision: str, packing, launch) -> KernelConfig:
+    """The cached winner of this shape's backward; on a miss, tune it now with ``launch(cfg,
+    steps)`` on the real gradients (where forward.may_tune; a packed batch takes its padded
+    shape's winner) or take the heuristic default."""
+    D, _, H = w_hh.shape
+    device = w_hh.device
+    default = default_backward_config(H, B, cell.gates, w_hh.element_size(), env.interpreting(), D,
+                                      _sm_count(device))
+    if not may_tune(device, B):
+        return default
+    key = layer_key("rnn_bwd", cell, H, B, w_hh.dtype, precision, D, device)
+    cfg = autotune_cache().get(key)
+    if cfg is None and packing is None:
+        steps = min(T, TUNE_STEPS)
+        candidates = candidate_backward_configs(H, B, cell.gates, w_hh.element_size(), D, _sm_count(device))
+        cfg, _ = time_candidates(key, candidates, lambda c: launch(c, steps), steps, device)
+    return cfg or default
+
+
 def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, has_c0: bool, packed: bool,
                   has_dout: bool, has_dhn: bool, has_dcn: bool, upcast: bool, precision: str) -> dict:
     """The constexprs and launch options of rnn_bwd_kernel (all but SYNC)."""
     cell = Cell(cell)
     if cfg.hidden_block < 16:
         raise ValueError(f"rnn_bwd: hidden_block must be at least 16 (one dot tile), got {cfg.hidden_block}")
-    full_k = max(16, triton.next_power_of_2(cell.gates * H))
+    full_k = backward_reduction(H, cell.gates)
     check_stages(cfg, cfg.k_block is None or cfg.k_block >= full_k)
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=full_k,
                 KB=min(cfg.k_block or full_k, full_k), STAGES=cfg.num_stages, HAS_H0=has_h0, HAS_C0=has_c0,

@@ -130,7 +130,7 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
     units and holds their columns of W_hh across all gates ([G*H, HB]); its recurrent product
     reduces over G*H, so k_block chunks that reduction. The dot's width is the hidden block, so
     at least 16 units per program; otherwise the same rules as the forward default."""
-    full_k = max(MIN_TILE, triton.next_power_of_2(gates * hidden_size))
+    full_k = backward_reduction(hidden_size, gates)
     if interpreting:
         batch_block = min(64, max(MIN_TILE, triton.next_power_of_2(max(batch, 1))))
         return KernelConfig(hidden_block=k_block(hidden_size), batch_block=batch_block)
@@ -173,6 +173,34 @@ def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, d
                                        num_stages=stages)
                     if cfg not in out:
                         out.append(cfg)
+    return out
+
+
+def backward_reduction(hidden_size: int, gates: int) -> int:
+    """The backward's recurrent product reduces over every gate (G*H), padded to a power of two."""
+    return max(MIN_TILE, triton.next_power_of_2(gates * hidden_size))
+
+
+def candidate_backward_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
+                               sms: int = H100_SMS) -> list[KernelConfig]:
+    """The backward kernel's autotuning space: its default, then half and double the hidden
+    block, W_hh's columns resident (up to twice the default's bound) or streamed in chunks of
+    STREAM_K or 2*STREAM_K (pipelined two deep or not), 4 or 8 warps."""
+    base = default_backward_config(hidden_size, batch, gates, elt_size, False, directions, sms)
+    full_k = backward_reduction(hidden_size, gates)
+    out = [base]
+    for hb in (base.hidden_block // 2, base.hidden_block, base.hidden_block * 2):
+        if hb < MIN_TILE or hb > k_block(hidden_size):
+            continue
+        for k in (None, STREAM_K, 2 * STREAM_K):
+            if k is not None and k >= full_k:
+                continue
+            if k is None and full_k > STREAM_K and hb * full_k * elt_size > RESIDENT_WEIGHT_BYTES // 8:
+                continue  # far past what stays on-chip: it only spills
+            for warps, stages in itertools.product((4, 8), (1, 2) if k else (1,)):
+                cfg = KernelConfig(hb, base.batch_block, k_block=k, num_warps=warps, num_stages=stages)
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 

@@ -484,17 +484,28 @@ def autotune_cache() -> AutotuneCache:
     return _caches[path]
 
 
+def layer_key(kernel: str, cell: Cell, H: int, B: int, dtype: torch.dtype, precision: str, D: int,
+              device: torch.device) -> str:
+    """The tuning key of one layer shape on this GPU and Triton."""
+    name = str(dtype).removeprefix("torch.") + ("-tf32" if precision == "tf32" else "")
+    return tuning_key(kernel, Cell(cell).name, H, B, name, D, torch.cuda.get_device_name(device), triton.__version__)
+
+
 def _tuning_key(layer: _Layer) -> str:
-    dtype = str(layer.dtype).removeprefix("torch.") + ("-tf32" if layer.precision == "tf32" else "")
-    return tuning_key("rnn_fwd", layer.cell.name, layer.H, layer.B, dtype, layer.D,
-                      torch.cuda.get_device_name(layer.device), triton.__version__)
+    return layer_key("rnn_fwd", layer.cell, layer.H, layer.B, layer.dtype, layer.precision, layer.D, layer.device)
+
+
+def may_tune(device: torch.device, batch: int) -> bool:
+    """Tuning runs on CUDA only, with RNN_AUTOTUNE on, and not while a CUDA graph is being
+    captured (it synchronises)."""
+    return device.type == "cuda" and batch > 0 and env.autotune_enabled() \
+        and not torch.cuda.is_current_stream_capturing()
 
 
 def _tuned_or_default(layer: _Layer) -> KernelConfig:
-    """The cached winner for this shape; on a miss, tune now (CUDA only, RNN_AUTOTUNE on, and not
-    while a CUDA graph is being captured: tuning synchronises) or take the heuristic default."""
-    if layer.device.type != "cuda" or layer.B == 0 or not env.autotune_enabled() \
-            or torch.cuda.is_current_stream_capturing():
+    """The cached winner for this shape; on a miss, tune now (where may_tune) or take the
+    heuristic default."""
+    if not may_tune(layer.device, layer.B):
         return layer.default_config()
     key = _tuning_key(layer)
     cfg = autotune_cache().get(key)
@@ -529,13 +540,22 @@ def _tune(layer: _Layer, key: str, repeats: int = 3):
     out = layer.empty_out(steps)
     hn = torch.empty(layer.D, layer.B, layer.H, dtype=layer.dtype, device=layer.device)
     cn = torch.empty_like(hn)
+    candidates = candidate_configs(layer.H, layer.B, layer.cell.gates, layer.w_hh.element_size(), layer.D,
+                                   _sm_count(layer.device))
+    return time_candidates(key, candidates, lambda cfg: layer.launch(cfg, out, hn, cn, steps), steps,
+                           layer.device, repeats)
+
+
+def time_candidates(key: str, candidates: list, run, steps: int, device: torch.device, repeats: int = 3):
+    """Time run(cfg) (``steps`` timesteps) for each candidate; cache the fastest under ``key`` and
+    return it with each candidate's milliseconds per step (inf where it failed to compile or
+    launch). candidates[0], the default, wins if every one fails."""
     timings = {}
-    best, best_ms = layer.default_config(), math.inf
-    for cfg in candidate_configs(layer.H, layer.B, layer.cell.gates, layer.w_hh.element_size(), layer.D,
-                                 _sm_count(layer.device)):
+    best, best_ms = candidates[0], math.inf
+    for cfg in candidates:
         try:
-            layer.launch(cfg, out, hn, cn, steps)  # compiles; also the warm-up
-            ms = _time_ms(lambda: layer.launch(cfg, out, hn, cn, steps), repeats, layer.device) / steps
+            run(cfg)  # compiles; also the warm-up
+            ms = _time_ms(lambda: run(cfg), repeats, device) / steps
         except (triton.runtime.errors.OutOfResources, ValueError, RuntimeError):
             ms = math.inf  # a candidate this device cannot run
         timings[describe(cfg)] = ms

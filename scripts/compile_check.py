@@ -8,8 +8,8 @@ shared memory than an H100 has, or, for a heuristic default, spills.
     python -m scripts.compile_check [--quick] [--space] [--jobs N]
 
 --quick: the defaults (forward, forward saving for training, backward) of a few sizes (CI);
-default: the defaults of every size in kernels.configs.TUNED_SIZES; --space: also every forward
-candidate of the autotuning space there.
+default: the defaults of every size in kernels.configs.TUNED_SIZES; --space: also every candidate
+of both kernels' autotuning spaces there.
 Must run without TRITON_INTERPRET (it compiles real GPU code).
 """
 import argparse
@@ -96,11 +96,11 @@ def variants(quick: bool, space: bool):
 
     Per size: the forward default for inference (with and without the grid barrier), with SAVE
     (training) and on packed sequences, the backward default (both modes, and packed), and with
-    --space every forward candidate.
+    --space every candidate of both kernels.
     """
     from kernels.cells import Cell
-    from kernels.configs import (TUNED_SIZES, candidate_configs, default_backward_config, default_forward_config,
-                                 describe, k_block)
+    from kernels.configs import (TUNED_SIZES, candidate_backward_configs, candidate_configs, default_backward_config,
+                                 default_forward_config, describe, k_block)
 
     sizes = [(64, 8), (256, 16), (1024, 64)] if quick else TUNED_SIZES
     seen = set()
@@ -117,6 +117,7 @@ def variants(quick: bool, space: bool):
         jobs.append(("bwd", backward, True, True, {"packed": True}))
         if space:
             jobs += [("fwd", cfg, False, True, None) for cfg in candidate_configs(H, B, cell.gates, elt, D)]
+            jobs += [("bwd", cfg, False, True, None) for cfg in candidate_backward_configs(H, B, cell.gates, elt, D)]
         for kernel, cfg, is_default, sync, flags in jobs:
             # The code depends on H only through its power-of-two padding.
             variant = "-".join(sorted(flags)) if flags else ""
@@ -135,10 +136,6 @@ def variants(quick: bool, space: bool):
     for flag in ("has_dout", "has_dhn", "has_h0"):
         yield f"bwd-GRU-bf16-no-{flag}", "bwd", Cell.GRU, "bf16", 64, KernelConfig(16, 16, k_block=32), True, \
             False, {flag: False}
-    # The backward's K loop pipelined (the forward's is among the candidates).
-    for H in (256, 1024):
-        yield f"bwd-LSTM-bf16-H{H}-stages2", "bwd", Cell.LSTM, "bf16", H, \
-            KernelConfig(32, 16, k_block=128, num_warps=8, num_stages=2), True, False, None
 
 
 def _compile_job(job):

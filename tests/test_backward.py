@@ -1,12 +1,14 @@
 """The fused backward against torch autograd through the float64 reference: gate gradients,
 dx, dh0, dc0 and every weight gradient, partition by partition; gradcheck; what training saves."""
+import json
+
 import pytest
 import torch
 
 import rnn
 from helpers import CELL_IDS, PARTITIONS, TOL, assert_grads_close, run_backward
 from kernels.cells import Cell
-from kernels.configs import KernelConfig
+from kernels.configs import KernelConfig, candidate_backward_configs, describe
 from rnn import functional
 
 pytestmark = pytest.mark.interpreter
@@ -123,3 +125,42 @@ def test_double_backward_is_refused(monkeypatch):
     monkeypatch.setenv("RNN_BACKEND", "reference")  # the way out the message names works
     (g,) = torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
     g.sum().backward()
+
+
+@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
+def test_every_backward_candidate_of_a_shape(cell, kernel_device):
+    """Each partition the backward's autotuner may pick for an H=40, B=20 bidirectional layer
+    (16 or 32 units per program, the reduction over G*H whole or in chunks of 64) computes the
+    gradients. Stepwise: the interpreter runs one program at a time."""
+    configs = candidate_backward_configs(40, 20, cell.gates, 8, directions=2)
+    partitions = dict.fromkeys(KernelConfig(c.hidden_block, c.batch_block, k_block=c.k_block, persistent=False)
+                               for c in configs)
+    assert {c.hidden_block for c in partitions} == {16, 32}
+    assert (64 in {c.k_block for c in partitions}) == (cell.gates > 1)  # an RNN's G*H=64 is one chunk
+    for config in partitions:
+        torch.manual_seed(5)
+        ours, ref, _ = run_backward(cell, T=3, B=20, H=40, I=8, config=config, device=kernel_device)
+        assert_grads_close(ours, ref, TOL[torch.float64])
+
+
+def test_backward_tuning_times_every_candidate_and_caches_the_winner(monkeypatch, tmp_path, kernel_device):
+    """The backward's autotuner on the real gradients (made to run off CUDA; the wall clock stands
+    in for CUDA events): every candidate timed, the fastest cached and used, the gradients right,
+    and a second backward of the shape takes the cached winner without tuning."""
+    from kernels import backward
+
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(backward, "may_tune", lambda device, batch: True)
+    monkeypatch.setattr(backward, "layer_key", lambda *args: "bwd-key")
+    torch.manual_seed(4)
+    ours, ref, res = run_backward(Cell.LSTM, T=3, B=3, H=20, device=kernel_device)
+    assert_grads_close(ours, ref, TOL[torch.float64])
+    entry = json.loads((tmp_path / "autotune.json").read_text())["entries"]["bwd-key"]
+    timings = entry["timings_ms_per_step"]
+    assert set(timings) == {describe(c) for c in candidate_backward_configs(20, 3, 4, 8, 2)}
+    assert len(timings) > 2 and KernelConfig(**entry["config"]) == res.info.config
+    assert describe(res.info.config) == min(timings, key=timings.get)
+    monkeypatch.setattr(backward, "time_candidates", lambda *a, **k: pytest.fail("a cached shape was tuned again"))
+    ours, ref, again = run_backward(Cell.LSTM, T=4, B=3, H=20, device=kernel_device)
+    assert again.info.config == res.info.config
+    assert_grads_close(ours, ref, TOL[torch.float64])

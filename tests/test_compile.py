@@ -2,7 +2,7 @@
 interpreter: the heuristic defaults of a few sizes and every autotuning candidate there fit the
 H100's shared memory, and the defaults spill no registers (ptxas's report). Compiler-only errors
 fail here, not on the GPU. The full sweep over kernels.configs.TUNED_SIZES is
-`python -m scripts.compile_check --space` (about half an hour on two cores)."""
+`python -m scripts.compile_check --space` (most of an hour on two cores)."""
 import os
 import subprocess
 import sys

@@ -168,6 +168,35 @@ def test_autotune_fills_and_reuses_the_cache(monkeypatch, tmp_path):
 BACKWARD_TOL = {"fp32": 1e-4, "tf32": 1e-2, "fp16": 2e-2, "bf16": 8e-2}
 
 
+def test_training_tunes_the_backward_too(monkeypatch, tmp_path):
+    """A first training step of a shape tunes forward and backward and caches both; the
+    gradients match torch.nn's."""
+    import json
+
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("RNN_AUTOTUNE", "1")
+    torch.manual_seed(13)
+    ref = torch.nn.LSTM(64, 256, device="cuda")
+    ours = rnn.from_torch(copy.deepcopy(ref))
+    x = torch.randn(40, 8, 64, device="cuda")
+    compare_modules(ref, ours, lambda: (lambda leaf: (leaf, leaf))(x.clone().requires_grad_()), tol=1e-2)
+    keys = json.loads((tmp_path / "autotune.json").read_text())["entries"]
+    assert sorted(k.split("|")[0] for k in keys) == ["rnn_bwd", "rnn_fwd"]
+
+
+@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
+def test_every_backward_candidate_on_cuda(cell):
+    """Every config of the backward's autotuning space of two shapes computes the gradients
+    (persistent where co-resident, stepwise otherwise)."""
+    from kernels.configs import candidate_backward_configs
+    for T, B, H in ((8, 8, 1024), (5, 40, 256)):
+        for config in candidate_backward_configs(H, B, cell.gates, 2, directions=2):
+            torch.manual_seed(14)
+            ours, ref, _ = run_backward(cell, T=T, B=B, I=32, H=H, dtype=torch.bfloat16, device="cuda",
+                                        config=config)
+            assert_grads_close(ours, ref, BACKWARD_TOL["bf16"])
+
+
 @pytest.mark.parametrize("precision", list(DTYPES), indirect=True)
 @pytest.mark.parametrize("cell", list(Cell), ids=[c.name for c in Cell])
 def test_fused_backward_per_dtype(cell, precision):
