@@ -11,6 +11,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn
+from kernels.configs import describe
 from profiling.cases import Case
 
 TORCH_MODULES = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN_TANH": torch.nn.RNN, "RNN_RELU": torch.nn.RNN}
@@ -79,14 +80,17 @@ def _runner_for(model, x, case: Case) -> Runner:
 def build_ours(case: Case, device) -> Runner:
     model = rnn.from_torch(torch_module(case, device))
     runner = _runner_for(model, case_input(case, device), case)
-    runner.output()  # one forward to learn which path and launches it takes
+    # One pass to learn which path and launches it takes (and to tune what a first use tunes).
+    if case.pass_ == "fwd":
+        runner.output()
+    else:
+        runner.step()
     path = model.last_path
+    launches = [("fwd", l) for l in path.launches] + [("bwd", l) for l in reversed(path.backward_launches)]
     runner.details = {
         "backend": path.backend,
-        "config": "; ".join(
-            f"{'persistent' if l.persistent else 'stepwise'} HB{l.config.hidden_block} BB{l.config.batch_block}"
-            f" KB{l.config.k_block or 'all'} warps{l.config.num_warps} grid{list(l.grid)}" for l in path.launches)
-        or path.reason,
+        "config": "; ".join(f"{kind} {'persistent' if l.persistent else 'stepwise'} {describe(l.config)} "
+                            f"grid{list(l.grid)}" for kind, l in launches) or path.reason,
     }
     return runner
 

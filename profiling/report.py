@@ -15,7 +15,7 @@ CSV (long format, one row per case x implementation x metric), columns in this o
 | metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err (see METRICS) |
 | unit | the metric's unit |
 | median, p20, p80 | the value: median and 20th/80th percentiles over timed repeats (memory and error: one value in median) |
-| backend, config | for ours: which path ran and each layer's kernel partition |
+| backend, config | for ours: which path ran and each layer's kernel partition (forward; backward too in fwdbwd cases) |
 | status | ``ok``, or why the row has no value |
 """
 import datetime

@@ -17,11 +17,13 @@ from rnn import reference
 
 @dataclass
 class ForwardPath:
-    """Which implementation ran a forward, and each fused launch (one per layer)."""
+    """Which implementation ran a forward, and each fused launch (one per layer); after a
+    backward through it, also the backward's launches (last layer first)."""
 
     backend: str  # "triton" or "reference"
     launches: list[LaunchInfo] = field(default_factory=list)
     reason: str = ""  # why the reference ran where kernels were possible
+    backward_launches: list[LaunchInfo] = field(default_factory=list)
 
 
 def _stack_weights(cell: Cell, weights):
@@ -49,14 +51,14 @@ class FusedRNNLayer(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")  # backward then runs under forward's autocast state
-    def forward(ctx, cell, packing, batch_first, record, save, x, h0, c0, *flat):
+    def forward(ctx, cell, packing, batch_first, path, save, x, h0, c0, *flat):
         w_ih, w_hh, bias, b_hn = _stack_weights(cell, _group(flat, True, False))
         h0 = h0.contiguous() if h0 is not None else None
         c0 = c0.contiguous() if c0 is not None else None
         result = rnn_fwd(cell, x, w_ih, w_hh.contiguous(), bias, b_hn, h0, c0, packing, batch_first, save=save)
-        record.append(result.info)
+        path.launches.append(result.info)
         if save:
-            ctx.cell, ctx.packing, ctx.batch_first = cell, packing, batch_first
+            ctx.cell, ctx.packing, ctx.batch_first, ctx.path = cell, packing, batch_first, path
             ctx.has_bias = flat[2] is not None
             ctx.save_for_backward(x, h0, c0, result.out, result.saved, *flat)
             ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros made
@@ -74,6 +76,7 @@ class FusedRNNLayer(torch.autograd.Function):
         needs = ctx.needs_input_grad
         g = rnn_bwd(ctx.cell, x, w_ih, w_hh.contiguous(), h0, c0, ctx.packing, out, saved, d_out, d_hn, d_cn,
                     ctx.batch_first, need_dx=needs[5])
+        ctx.path.backward_launches.append(g.info)
         GH = w_hh.shape[1]
         grads = []
         for d in range(len(weights)):
@@ -96,7 +99,7 @@ class FusedLSTMProjLayer(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, packing, batch_first, record, save, x, h0, c0, *flat):
+    def forward(ctx, packing, batch_first, path, save, x, h0, c0, *flat):
         groups = _group(flat, True, True)
         w_ih, w_hh, bias, _ = _stack_weights(Cell.LSTM, [g[:4] for g in groups])  # w_hh [D, 4H, P]
         w_hr = torch.stack([g[4] for g in groups])  # [D, P, H]
@@ -104,12 +107,13 @@ class FusedLSTMProjLayer(torch.autograd.Function):
         c0 = c0.contiguous() if c0 is not None else None
         result = rnn_fwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), bias, None, None, c0, packing, batch_first,
                          save=save, first_step=first)
-        record.append(result.info)
+        path.launches.append(result.info)
         m, m_n = result.out, result.h_n
         out = _project(m, w_hr)
         h_n = torch.bmm(m_n, w_hr.transpose(1, 2))
         if save:
             ctx.packing, ctx.batch_first, ctx.has_bias = packing, batch_first, flat[2] is not None
+            ctx.path = path
             ctx.save_for_backward(x, h0, c0, m, m_n, result.saved, *flat)
             ctx.set_materialize_grads(False)
         return out, h_n, result.c_n
@@ -130,6 +134,7 @@ class FusedLSTMProjLayer(torch.autograd.Function):
         d_mn = torch.bmm(d_hn, w_hr) if d_hn is not None else None
         g = rnn_bwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), None, c0, ctx.packing, m, saved, d_m, d_mn, d_cn,
                     ctx.batch_first, need_dx=ctx.needs_input_grad[4])
+        ctx.path.backward_launches.append(g.info)
         d_w_eff = g.dw_hh  # [D, 4H, H]
         d_w_hh = torch.bmm(d_w_eff, w_hr.transpose(1, 2))
         d_w_hr = torch.bmm(w_hh.transpose(1, 2), d_w_eff)
@@ -234,7 +239,7 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
             # The fused layers take a fixed number of tensors per direction; absent biases are None.
             flat = [t for w in _group(flat, has_bias, proj_size > 0) for t in (w if proj_size else w[:4])]
             save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *states, *flat))
-            args = (packing, batch_first, path.launches, save, x, *states, *flat)
+            args = (packing, batch_first, path, save, x, *states, *flat)
             x, h_n, c_n = FusedLSTMProjLayer.apply(*args) if proj_size else FusedRNNLayer.apply(cell, *args)
         else:
             x, h_n, c_n = reference.layer_forward(cell, x, *states, lengths, _group(flat, has_bias, proj_size > 0),

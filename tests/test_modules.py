@@ -54,6 +54,19 @@ def test_from_torch_rejects_other_modules():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("proj", [0, 2])
+def test_backward_launches_are_recorded(proj):
+    """A backward through the fused layers adds each layer's backward launch to last_path, last
+    layer first; a forward alone records none."""
+    model = rnn.LSTM(4, 6, num_layers=2, proj_size=proj)
+    out, _ = model(torch.randn(3, 2, 4))
+    assert [l.kernel for l in model.last_path.launches] == ["rnn_fwd_kernel"] * 2
+    assert model.last_path.backward_launches == []
+    out.sum().backward()
+    assert [l.kernel for l in model.last_path.backward_launches] == ["rnn_bwd_kernel"] * 2
+
+
+@pytest.mark.interpreter
 def test_backend_selection(monkeypatch):
     model = rnn.GRU(4, 6, num_layers=2)
     x = torch.randn(3, 2, 4)
