@@ -8,8 +8,8 @@ import torch
 import triton
 
 from kernels import env
-from kernels.configs import (TUNED_SIZES, AutotuneCache, KernelConfig, candidate_configs, default_forward_config,
-                             describe, tuning_key)
+from kernels.configs import (TUNED_SIZES, AutotuneCache, KernelConfig, candidate_backward_configs, candidate_configs,
+                             default_backward_config, default_forward_config, describe, tuning_key)
 from kernels.forward import _Layer, _tuned_or_default, autotune_cache
 
 SHAPES = [(H, B, gates, elt, D) for H, B in TUNED_SIZES for gates in (1, 3, 4) for elt in (2, 4) for D in (1, 2)]
@@ -28,6 +28,21 @@ def test_defaults_and_candidates_are_valid(H, B, gates, elt, D):
         assert cfg.num_stages == 1 or cfg.k_block is not None  # only a K-chunk loop pipelines
     streamed = any(c.k_block for c in candidates)
     assert any(c.num_stages > 1 for c in candidates) == streamed
+
+
+@pytest.mark.parametrize("H, B, gates, elt, D", SHAPES[::7])
+def test_backward_candidates_are_valid(H, B, gates, elt, D):
+    from kernels.backward import backward_meta
+    from kernels.cells import Cell
+
+    cell = {1: Cell.RNN_TANH, 3: Cell.GRU, 4: Cell.LSTM}[gates]
+    candidates = candidate_backward_configs(H, B, gates, elt, D)
+    assert candidates[0] == default_backward_config(H, B, gates, elt, False, D)
+    assert len(set(candidates)) == len(candidates)
+    for cfg in candidates:  # each one launchable: backward_meta raises on a bad partition
+        backward_meta(cell, D, H, cfg, has_h0=True, has_c0=True, packed=False, has_dout=True, has_dhn=True,
+                      has_dcn=True, upcast=False, precision="ieee")
+        assert cfg.batch_block == candidates[0].batch_block
 
 
 def test_pipelining_needs_a_streamed_reduction():
