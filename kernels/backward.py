@@ -358,7 +358,7 @@ def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool
     if cfg.hidden_block < 16:
         raise ValueError(f"rnn_bwd: hidden_block must be at least 16 (one dot tile), got {cfg.hidden_block}")
     full_k = backward_reduction(H, cell.gates)
-    check_stages(cfg, cfg.k_block is None or cfg.k_block >= full_k)
+    check_stages(cfg, full_k)
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=full_k,
                 KB=min(cfg.k_block or full_k, full_k), STAGES=cfg.num_stages, HAS_H0=has_h0, HAS_C0=has_c0,
                 PACKED=packed, HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn, UPCAST=upcast, PRECISION=precision,

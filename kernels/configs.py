@@ -52,9 +52,15 @@ class KernelConfig:
             raise ValueError(f"num_stages must be 1 to 4, got {self.num_stages}")
 
 
-def check_stages(cfg: KernelConfig, resident: bool):
+def is_resident(cfg: KernelConfig, reduction: int) -> bool:
+    """Whether cfg keeps a kernel's W_hh slice on-chip: no K chunk smaller than its padded
+    ``reduction`` (H for the forward, G*H for the backward)."""
+    return cfg.k_block is None or cfg.k_block >= reduction
+
+
+def check_stages(cfg: KernelConfig, reduction: int):
     """num_stages pipelines the K-chunk loop, which only a streamed W_hh has."""
-    if cfg.num_stages > 1 and resident:
+    if cfg.num_stages > 1 and is_resident(cfg, reduction):
         raise ValueError(f"num_stages={cfg.num_stages} pipelines the K-chunk loop of a streamed W_hh; this "
                          f"partition keeps W_hh resident (set k_block below the padded reduction)")
 

@@ -16,7 +16,7 @@ from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
 from kernels.packing import Packing
 from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, check_stages,
-                             default_forward_config, describe, k_block, tuning_key)
+                             default_forward_config, describe, is_resident, k_block, tuning_key)
 
 
 @triton.jit
@@ -595,21 +595,17 @@ def kernel_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, 
     if (4 if fused else 1) * cfg.hidden_block < MIN_TILE:
         raise ValueError(f"hidden_block={cfg.hidden_block} makes a dot narrower than {MIN_TILE} columns"
                          + ("" if fused else "; use at least 16, or fused_gates for LSTM/GRU"))
-    check_stages(cfg, _resident(H, cfg))
+    check_stages(cfg, k_block(H))
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
                 KB=min(cfg.k_block or k_block(H), k_block(H)), STAGES=cfg.num_stages, FUSED=fused, HAS_H0=has_h0,
                 HAS_C0=has_c0, PACKED=packed, HAS_BHN=has_bhn, UPCAST=upcast, PRECISION=precision, SAVE=save,
                 num_warps=cfg.num_warps,
                 # Streaming W_hh, ptxas tends to cap itself at 128 registers and spill; given the
                 # budget it does not (sm_90 compiles). Resident slices fare better without one.
-                maxnreg=None if _resident(H, cfg) else max_registers(cfg.num_warps),
+                maxnreg=None if is_resident(cfg, k_block(H)) else max_registers(cfg.num_warps),
                 # No software pipelining of the time loop (the K loop has STAGES): it could hoist
                 # the next step's h load above the barrier.
                 num_stages=1)
-
-
-def _resident(H: int, cfg: KernelConfig) -> bool:
-    return cfg.k_block is None or cfg.k_block >= k_block(H)
 
 
 def max_registers(num_warps: int) -> int:
