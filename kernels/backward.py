@@ -12,9 +12,9 @@ from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell
 from kernels.configs import (KernelConfig, backward_reduction, candidate_backward_configs, check_stages,
                              default_backward_config)
 from kernels.packing import Packing
-from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _sm_count, autotune_cache, layer_key,
-                             layout_strides, max_registers, may_tune, on_input_device, seq_offsets, tile_steps,
-                             time_candidates)
+from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _sm_count, autotune_cache, dense,
+                             given_output, layer_key, layout_strides, max_registers, may_tune, on_input_device,
+                             seq_offsets, tile_steps, time_candidates)
 
 
 @triton.jit
@@ -257,13 +257,19 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
         raise ValueError("rnn_bwd: LSTM and GRU need the activations saved by rnn_fwd(save=True)")
     device, dtype = x.device, x.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    dg = torch.empty(*seqs, D, GR, H, dtype=dtype, device=device) if dg is None else dg
-    dh0 = torch.empty(D, B, H, dtype=dtype, device=device) if dh0 is None else dh0
-    if cell == Cell.LSTM and dc0 is None:
-        dc0 = torch.empty(D, B, H, dtype=dtype, device=device)
-    dc0 = dc0 if cell == Cell.LSTM else None
-    if d_out is not None and d_out.stride(-1) != 1:
-        d_out = d_out.contiguous()  # e.g. the expanded gradient of a sum
+    dg = given_output("dg", dg, torch.empty(*seqs, D, GR, H, dtype=dtype, device=device))
+    dh0 = given_output("dh0", dh0, torch.empty(D, B, H, dtype=dtype, device=device))
+    dc0 = given_output("dc0", dc0, torch.empty(D, B, H, dtype=dtype, device=device)) if cell == Cell.LSTM else None
+    # Upstream gradients come in any layout (a sum's is expanded, a permute's transposed): the
+    # kernel takes the time and batch strides of out and d_out and indexes everything else densely.
+    if d_out is not None and tuple(d_out.shape) != tuple(out.shape):
+        raise ValueError(f"d_out must have the shape of out, {list(out.shape)}, got {list(d_out.shape)}")
+    out, d_out = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (out, d_out))
+    d_hn, d_cn = dense("d_hn", d_hn, (D, B, H)), dense("d_cn", d_cn, (D, B, H))
+    w_hh = dense("w_hh", w_hh, (D, GH, H))
+    h0, c0 = dense("h0", h0, (D, B, H)), dense("c0", c0, (D, B, H))
+    if saved is not None:
+        saved = dense("saved", saved, (*seqs, D, G + 1, H))
     lengths, offsets = (packing.lengths, packing.offsets) if packing is not None else (None, None)
     strides = layout_strides(out, packing, batch_first)
     strides += (0, 0) if d_out is None else layout_strides(d_out, packing, batch_first)

@@ -360,10 +360,10 @@ def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
         (LSTM with proj_size runs on m = o * tanh(c) and folds h0 W_hh^T in here).
     """
     layer = _Layer(cell, x, w_ih, w_hh, bias, b_hn, h0, c0, packing, batch_first, first_step)
-    out = layer.empty_out() if out is None else out
-    hn = torch.empty(layer.D, layer.B, layer.H, dtype=x.dtype, device=x.device) if hn is None else hn
-    if layer.cell == Cell.LSTM and cn is None:
-        cn = torch.empty_like(hn)
+    out = given_output("out", out, layer.empty_out(), strided=True)
+    hn = given_output("hn", hn, torch.empty(layer.D, layer.B, layer.H, dtype=x.dtype, device=x.device))
+    if layer.cell == Cell.LSTM:
+        cn = given_output("cn", cn, torch.empty_like(hn))
     saved = None
     if save and layer.cell in (Cell.LSTM, Cell.GRU):
         rows = (packing.rows,) if packing is not None else (layer.T, layer.B)
@@ -373,9 +373,44 @@ def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     return ForwardResult(out, hn, cn if layer.cell == Cell.LSTM else None, info, saved)
 
 
+def given_output(name: str, given: torch.Tensor | None, fresh: torch.Tensor, strided: bool = False) -> torch.Tensor:
+    """A caller's preallocated output (tests poison them) if it has the shape, dtype and dense
+    layout of ``fresh`` (any layout if ``strided``: the kernel takes its strides), else a clear
+    error; ``fresh`` when none was given."""
+    if given is None:
+        return fresh
+    if given.shape != fresh.shape or given.dtype != fresh.dtype or (given.stride() != fresh.stride() and not strided):
+        raise ValueError(f"{name} must be a dense {fresh.dtype} tensor of shape {list(fresh.shape)}, got "
+                         f"{given.dtype} {list(given.shape)} with strides {given.stride()}")
+    return given
+
+
+def dense(name: str, t: torch.Tensor | None, shape: tuple) -> torch.Tensor | None:
+    """``t`` as a contiguous tensor of ``shape`` (None stays None): what a kernel that indexes it
+    with computed offsets needs. A wrong shape is an error, never an out-of-bounds read."""
+    if t is None:
+        return None
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    return t.contiguous()
+
+
+def input_projection(x: torch.Tensor, w_ih: torch.Tensor, bias) -> torch.Tensor:
+    """x @ w_ih^T + bias over every row of x ([..., I] -> [..., F]), computed in x's memory order:
+    a [T, B, I] view of a batch-first tensor gets a [T, B, F] view of a batch-first result
+    instead of a copy of x (the kernels take the strides)."""
+    if x.dim() == 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
+        return input_projection(x.transpose(0, 1), w_ih, bias).transpose(0, 1)
+    x2d = x.reshape(-1, x.shape[-1])
+    xw = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
+    return xw.view(*x.shape[:-1], w_ih.shape[0])
+
+
 def layout_strides(seq: torch.Tensor, packing: Packing | None, batch_first: bool) -> tuple:
     """(time stride, sequence stride) of a padded [T, B, F] / [B, T, F] tensor; for packed data
     [N, F] (0, row stride)."""
+    if seq.stride(-1) != 1 and seq.shape[-1] > 1:
+        raise ValueError(f"a sequence tensor must be dense in its last dimension, got strides {seq.stride()}")
     if packing is not None:
         return 0, seq.stride(0)
     return (seq.stride(1), seq.stride(0)) if batch_first else (seq.stride(0), seq.stride(1))
@@ -400,10 +435,14 @@ class _Layer:
         else:
             self.T, self.B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
         self.packing, self.batch_first, self.device, self.dtype = packing, batch_first, x.device, x.dtype
-        self.w_hh, self.b_hn, self.h0, self.c0 = w_hh, b_hn, h0, c0
-        x2d = x.reshape(-1, x.shape[-1])
-        xw = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
-        self.xw = xw.view(*x.shape[:-1], self.D * G * self.H)
+        D, B, H = self.D, self.B, self.H
+        # The kernel indexes these as dense row-major tensors: any strides a caller hands in
+        # (an expanded h0, a sliced weight) are made dense here.
+        self.w_hh = dense("w_hh", w_hh, (D, G * H, H))
+        self.b_hn = dense("b_hn", b_hn, (D, H))
+        self.h0 = dense("h0", h0, (D, B, H))
+        self.c0 = dense("c0", c0, (D, B, H))
+        self.xw = input_projection(x, w_ih, bias)
         if first_step is not None:
             self._add_first_step(first_step)
         self.precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda

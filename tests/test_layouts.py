@@ -1,0 +1,108 @@
+"""Every tensor the launchers hand to a kernel, in any layout a caller can produce.
+
+The kernels index with computed offsets, so each tensor must be dense or have its strides passed
+(issue 11: an expanded gradient of h_n.sum() was read as if dense). Each argument of rnn_fwd and
+rnn_bwd in turn is replaced by an equal-valued tensor in another layout (a stride-2 slice of a
+tensor interleaved with NaN, a transposed storage, a stride-0 expansion), and the results must
+equal those of the dense tensor (to rounding: torch's GEMMs may sum in another order).
+"""
+import math
+
+import pytest
+import torch
+
+from helpers import _weights, rel_err
+from kernels.backward import rnn_bwd
+from kernels.cells import Cell
+from kernels.configs import KernelConfig
+from kernels.forward import rnn_fwd
+from rnn.functional import _stack_weights
+
+pytestmark = pytest.mark.interpreter
+
+T, B, I, H, D = 3, 4, 5, 6, 2
+# One program per group (persistent) and three of them with batch tiles (stepwise).
+CONFIGS = {"single": None, "multi": KernelConfig(16, 16, persistent=False)}
+
+
+def layouts(t: torch.Tensor):
+    """(name, tensor) pairs: views of other layouts whose values equal those of tensors that the
+    dense run gets (the expanded one repeats t's first slice along dim 0)."""
+    poisoned = torch.stack([t, torch.full_like(t, math.nan)], dim=-1)
+    yield "sliced", poisoned[..., 0]  # stride 2 in every dimension's unit, NaN in between
+    if t.dim() >= 2:
+        yield "transposed", t.transpose(0, -1).contiguous().transpose(0, -1)
+    yield "expanded", t[:1].expand_as(t)
+
+
+def _forward_args(cell, device):
+    weights = _weights(cell, I, H, D, True, device)
+    w_ih, w_hh, bias, b_hn = _stack_weights(cell, [w[:4] for w in weights])
+    return dict(x=torch.randn(T, B, I, dtype=torch.float64, device=device), w_ih=w_ih, w_hh=w_hh.contiguous(),
+                bias=bias, b_hn=b_hn, h0=torch.randn(D, B, H, dtype=torch.float64, device=device),
+                c0=torch.randn(D, B, H, dtype=torch.float64, device=device) if cell == Cell.LSTM else None)
+
+
+def _run_forward(cell, args, config):
+    return rnn_fwd(cell, args["x"], args["w_ih"], args["w_hh"], args["bias"], args["b_hn"], args["h0"], args["c0"],
+                   None, False, config, save=True)
+
+
+def _assert_equal(name, ours, dense):
+    for i, (a, b) in enumerate(zip(ours, dense)):
+        if isinstance(b, torch.Tensor):
+            err = rel_err(a, b)
+            assert err <= 1e-13, f"{name}: result {i} differs from the dense tensor's by {err:.3g}"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
+@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
+def test_forward_takes_any_layout(cell, config, kernel_device):
+    torch.manual_seed(0)
+    args = _forward_args(cell, kernel_device)
+    for name, value in args.items():
+        if value is None:
+            continue
+        for layout, strided in layouts(value):
+            dense = _run_forward(cell, dict(args, **{name: strided.contiguous()}), CONFIGS[config])
+            ours = _run_forward(cell, dict(args, **{name: strided}), CONFIGS[config])
+            _assert_equal(f"{name} {layout}", ours[:3] + (ours.saved,), dense[:3] + (dense.saved,))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
+@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
+def test_backward_takes_any_layout(cell, config, kernel_device):
+    """Upstream gradients above all (a sum's is expanded, a permute's transposed, a slice's
+    strided), and every other tensor the backward launcher reads."""
+    torch.manual_seed(1)
+    fwd_args = _forward_args(cell, kernel_device)
+    fwd = _run_forward(cell, fwd_args, CONFIGS[config])
+    args = dict(x=fwd_args["x"], w_ih=fwd_args["w_ih"], w_hh=fwd_args["w_hh"], h0=fwd_args["h0"],
+                c0=fwd_args["c0"], out=fwd.out, saved=fwd.saved, d_out=torch.randn_like(fwd.out),
+                d_hn=torch.randn_like(fwd.h_n), d_cn=torch.randn_like(fwd.h_n) if cell == Cell.LSTM else None)
+
+    def run(a):
+        return rnn_bwd(cell, a["x"], a["w_ih"], a["w_hh"], a["h0"], a["c0"], None, a["out"], a["saved"], a["d_out"],
+                       a["d_hn"], a["d_cn"], False, config=CONFIGS[config])
+
+    for name, value in args.items():
+        if value is None:
+            continue
+        for layout, strided in layouts(value):
+            dense = run(dict(args, **{name: strided.contiguous()}))
+            ours = run(dict(args, **{name: strided}))
+            _assert_equal(f"{name} {layout}", ours[:-1], dense[:-1])
+
+
+def test_wrong_shapes_are_errors(kernel_device):
+    """A state or gradient of the wrong shape is refused before any kernel reads it."""
+    args = _forward_args(Cell.LSTM, kernel_device)
+    with pytest.raises(ValueError, match="h0 must have shape"):
+        _run_forward(Cell.LSTM, dict(args, h0=args["h0"][:, :1]), None)
+    fwd = _run_forward(Cell.LSTM, args, None)
+    with pytest.raises(ValueError, match="d_hn must have shape"):
+        rnn_bwd(Cell.LSTM, args["x"], args["w_ih"], args["w_hh"], None, None, None, fwd.out, fwd.saved, None,
+                torch.ones(1, 1, 1, dtype=torch.float64, device=kernel_device), None, False)
+    with pytest.raises(ValueError, match="d_out must have the shape"):
+        rnn_bwd(Cell.LSTM, args["x"], args["w_ih"], args["w_hh"], None, None, None, fwd.out, fwd.saved,
+                fwd.out[:1], None, None, False)
