@@ -1,6 +1,7 @@
 """Stacking, directions, inter-layer dropout, packed sequences and hx handling over one per-layer
 implementation: the fused Triton layer (an autograd.Function) or the pure-PyTorch reference.
 """
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -45,49 +46,104 @@ def _stack_weights(cell: Cell, weights):
     return w_ih, w_hh, (b_ih + b_hh).reshape(-1), b_hn
 
 
-class FusedRNNLayer(torch.autograd.Function):
+class _FusedFunction(torch.autograd.Function):
+    """Common ground of the fused layers' autograd Functions.
+
+    forward takes no ctx and setup_context saves (the form torch.func needs): intermediates that
+    backward needs are returned as extra outputs, marked non-differentiable. Under vmap (and so
+    jacrev, which vmaps the backward) each mapped slice runs on its own, one after another.
+    """
+
+    @classmethod
+    def vmap(cls, info, in_dims, *args):
+        slices = []
+        for i in range(info.batch_size):
+            sliced = [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)]
+            slices.append(cls.apply(*sliced))
+        outs = [None if r[0] is None else torch.stack(list(r)) for r in zip(*slices)]
+        return tuple(outs), tuple(None if o is None else 0 for o in outs)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError("forward-mode AD (jvp, jacfwd, hessian) through rnn's fused kernels is not "
+                                  "supported: use reverse mode (grad, vjp, jacrev), or RNN_BACKEND=reference")
+
+
+class _FirstOrderBackward(_FusedFunction):
+    """Runs a fused layer's backward, ``compute(*tensors)``, as a node of its own, so that
+    differentiating the gradients (create_graph=True, torch.func.grad of a grad, hessians)
+    fails loudly instead of silently treating the kernels' gradients as constants."""
+
+    @staticmethod
+    def forward(compute, *tensors):
+        return compute(*tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("double backward (a gradient of a gradient) through rnn's fused kernels is not "
+                           "supported; run with RNN_BACKEND=reference for higher-order gradients")
+
+
+def _no_autocast(x):
+    """The kernels and the GEMMs around them run in the layer's own dtype: the modules decide
+    autocast's casts (as torch.nn's cuDNN path does) before calling in."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+class FusedRNNLayer(_FusedFunction):
     """One layer, both directions, through the fused kernels: rnn_fwd forward (keeping the gate
-    activations when a gradient will be needed), rnn_bwd backward."""
+    activations when a gradient will be needed), rnn_bwd backward. Time-major ([T, B, I] in any
+    strides, or packed data) in and out."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")  # backward then runs under forward's autocast state
-    def forward(ctx, cell, packing, batch_first, path, save, x, h0, c0, *flat):
-        w_ih, w_hh, bias, b_hn = _stack_weights(cell, _group(flat, True, False))
-        h0 = h0.contiguous() if h0 is not None else None
-        c0 = c0.contiguous() if c0 is not None else None
-        result = rnn_fwd(cell, x, w_ih, w_hh.contiguous(), bias, b_hn, h0, c0, packing, batch_first, save=save)
+    def forward(cell, packing, path, save, x, h0, c0, *flat):
+        with _no_autocast(x):
+            w_ih, w_hh, bias, b_hn = _stack_weights(cell, _group(flat, True, False))
+            result = rnn_fwd(cell, x, w_ih, w_hh, bias, b_hn, h0, c0, packing, False, save=save)
         path.launches.append(result.info)
-        if save:
-            ctx.cell, ctx.packing, ctx.batch_first, ctx.path = cell, packing, batch_first, path
-            ctx.has_bias = flat[2] is not None
-            ctx.save_for_backward(x, h0, c0, result.out, result.saved, *flat)
-            ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros made
-        return result.out, result.h_n, result.c_n
+        return result.out, result.h_n, result.c_n, result.saved
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, d_out, d_hn, d_cn):
-        if torch.is_grad_enabled():  # create_graph=True: the kernels' own backward has no derivative
-            raise RuntimeError("double backward (create_graph=True) through rnn's fused kernels is not "
-                               "supported; run with RNN_BACKEND=reference for higher-order gradients")
-        x, h0, c0, out, saved, *flat = ctx.saved_tensors
-        weights = _group(flat, True, False)
-        w_ih, w_hh, _, _ = _stack_weights(ctx.cell, weights)
-        needs = ctx.needs_input_grad
-        g = rnn_bwd(ctx.cell, x, w_ih, w_hh.contiguous(), h0, c0, ctx.packing, out, saved, d_out, d_hn, d_cn,
-                    ctx.batch_first, need_dx=needs[5])
-        ctx.path.backward_launches.append(g.info)
-        GH = w_hh.shape[1]
-        grads = []
-        for d in range(len(weights)):
-            rows = slice(d * GH, (d + 1) * GH)
-            grads += [g.dw_ih[rows], g.dw_hh[d]]
-            grads += [g.db_ih[rows], g.db_hh[rows]] if ctx.has_bias else [None, None]
-        return (None, None, None, None, None, g.dx, g.dh0 if h0 is not None else None,
-                g.dc0 if c0 is not None else None, *grads)
+    def setup_context(ctx, inputs, output):
+        cell, packing, path, save, x, h0, c0, *flat = inputs
+        out, _, _, saved = output
+        if saved is not None:
+            ctx.mark_non_differentiable(saved)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros made
+        if save:
+            ctx.cell, ctx.packing, ctx.path, ctx.has_bias = cell, packing, path, flat[2] is not None
+            ctx.save_for_backward(x, h0, c0, out, saved, *flat)
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn, _d_saved):
+        grads = _FirstOrderBackward.apply(functools.partial(_layer_grads, ctx.cell, ctx.packing, ctx.path,
+                                                            ctx.has_bias, ctx.needs_input_grad[4]),
+                                          *ctx.saved_tensors, d_out, d_hn, d_cn)
+        return (None, None, None, None, *grads)
 
 
-class FusedLSTMProjLayer(torch.autograd.Function):
+def _layer_grads(cell, packing, path, has_bias, need_dx, x, h0, c0, out, saved, *rest):
+    """FusedRNNLayer's gradients: (dx, dh0, dc0, then each direction's weights in torch.nn's order)."""
+    *flat, d_out, d_hn, d_cn = rest
+    weights = _group(flat, True, False)
+    with _no_autocast(x):
+        w_ih, w_hh, _, _ = _stack_weights(cell, weights)
+        g = rnn_bwd(cell, x, w_ih, w_hh, h0, c0, packing, out, saved, d_out, d_hn, d_cn, False, need_dx=need_dx)
+    path.backward_launches.append(g.info)
+    GH = w_hh.shape[1]
+    grads = []
+    for d in range(len(weights)):
+        rows = slice(d * GH, (d + 1) * GH)
+        grads += [g.dw_ih[rows], g.dw_hh[d]]
+        grads += [g.db_ih[rows], g.db_hh[rows]] if has_bias else [None, None]
+    return (g.dx, g.dh0 if h0 is not None else None, g.dc0 if c0 is not None else None, *grads)
+
+
+class FusedLSTMProjLayer(_FusedFunction):
     """One LSTM layer with proj_size, both directions, through the fused kernels.
 
     With m_t = o * tanh(c_t) and h_t = W_hr m_t, the recurrent term h_{t-1} W_hh^T equals
@@ -98,33 +154,42 @@ class FusedLSTMProjLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, packing, batch_first, path, save, x, h0, c0, *flat):
-        groups = _group(flat, True, True)
-        w_ih, w_hh, bias, _ = _stack_weights(Cell.LSTM, [g[:4] for g in groups])  # w_hh [D, 4H, P]
-        w_hr = torch.stack([g[4] for g in groups])  # [D, P, H]
-        first = torch.bmm(h0, w_hh.transpose(1, 2)) if h0 is not None else None
-        c0 = c0.contiguous() if c0 is not None else None
-        result = rnn_fwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), bias, None, None, c0, packing, batch_first,
-                         save=save, first_step=first)
+    def forward(packing, path, save, x, h0, c0, *flat):
+        with _no_autocast(x):
+            groups = _group(flat, True, True)
+            w_ih, w_hh, bias, _ = _stack_weights(Cell.LSTM, [g[:4] for g in groups])  # w_hh [D, 4H, P]
+            w_hr = torch.stack([g[4] for g in groups])  # [D, P, H]
+            first = torch.bmm(h0, w_hh.transpose(1, 2)) if h0 is not None else None
+            result = rnn_fwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), bias, None, None, c0, packing, False,
+                             save=save, first_step=first)
+            m, m_n = result.out, result.h_n
+            out = _project(m, w_hr)
+            h_n = torch.bmm(m_n, w_hr.transpose(1, 2))
         path.launches.append(result.info)
-        m, m_n = result.out, result.h_n
-        out = _project(m, w_hr)
-        h_n = torch.bmm(m_n, w_hr.transpose(1, 2))
-        if save:
-            ctx.packing, ctx.batch_first, ctx.has_bias = packing, batch_first, flat[2] is not None
-            ctx.path = path
-            ctx.save_for_backward(x, h0, c0, m, m_n, result.saved, *flat)
-            ctx.set_materialize_grads(False)
-        return out, h_n, result.c_n
+        return out, h_n, result.c_n, m, m_n, result.saved
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, d_out, d_hn, d_cn):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through rnn's fused kernels is not "
-                               "supported; run with RNN_BACKEND=reference for higher-order gradients")
-        x, h0, c0, m, m_n, saved, *flat = ctx.saved_tensors
+    def setup_context(ctx, inputs, output):
+        packing, path, save, x, h0, c0, *flat = inputs
+        _, _, _, m, m_n, saved = output
+        ctx.mark_non_differentiable(*(t for t in (m, m_n, saved) if t is not None))
+        ctx.set_materialize_grads(False)
+        if save:
+            ctx.packing, ctx.path, ctx.has_bias = packing, path, flat[2] is not None
+            ctx.save_for_backward(x, h0, c0, m, m_n, saved, *flat)
+
+    @staticmethod
+    def backward(ctx, d_out, d_hn, d_cn, _d_m, _d_mn, _d_saved):
+        grads = _FirstOrderBackward.apply(functools.partial(_proj_layer_grads, ctx.packing, ctx.path, ctx.has_bias,
+                                                            ctx.needs_input_grad[3]),
+                                          *ctx.saved_tensors, d_out, d_hn, d_cn)
+        return (None, None, None, *grads)
+
+
+def _proj_layer_grads(packing, path, has_bias, need_dx, x, h0, c0, m, m_n, saved, *rest):
+    """FusedLSTMProjLayer's gradients: (dx, dh0, dc0, then each direction's weights in torch.nn's order)."""
+    *flat, d_out, d_hn, d_cn = rest
+    with _no_autocast(x):
         groups = _group(flat, True, True)
         w_ih, w_hh, _, _ = _stack_weights(Cell.LSTM, [g[:4] for g in groups])
         w_hr = torch.stack([g[4] for g in groups])
@@ -132,9 +197,8 @@ class FusedLSTMProjLayer(torch.autograd.Function):
         # The gradient reaching m through the projection of the outputs and of h_n.
         d_m = _project(d_out, w_hr.transpose(1, 2)) if d_out is not None else None
         d_mn = torch.bmm(d_hn, w_hr) if d_hn is not None else None
-        g = rnn_bwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), None, c0, ctx.packing, m, saved, d_m, d_mn, d_cn,
-                    ctx.batch_first, need_dx=ctx.needs_input_grad[4])
-        ctx.path.backward_launches.append(g.info)
+        g = rnn_bwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), None, c0, packing, m, saved, d_m, d_mn, d_cn,
+                    False, need_dx=need_dx)
         d_w_eff = g.dw_hh  # [D, 4H, H]
         d_w_hh = torch.bmm(d_w_eff, w_hr.transpose(1, 2))
         d_w_hr = torch.bmm(w_hh.transpose(1, 2), d_w_eff)
@@ -145,16 +209,17 @@ class FusedLSTMProjLayer(torch.autograd.Function):
         d_h0 = None
         if h0 is not None:
             # h0 entered through each direction's first step: h0 W_hh^T.
-            d_first = _first_steps(g.dg, ctx.packing, h0.shape[1])  # [D, B, 4H]
+            d_first = _first_steps(g.dg, packing, h0.shape[1])  # [D, B, 4H]
             d_h0 = torch.bmm(d_first, w_hh)
             d_w_hh += torch.bmm(d_first.transpose(1, 2), h0)
-        grads = []
-        rows = w_hh.shape[1]
-        for d in range(D):
-            grads += [g.dw_ih[d * rows:(d + 1) * rows], d_w_hh[d]]
-            grads += [g.db_ih[d * rows:(d + 1) * rows], g.db_hh[d * rows:(d + 1) * rows]] if ctx.has_bias else [None, None]
-            grads.append(d_w_hr[d])
-        return (None, None, None, None, g.dx, d_h0, g.dc0 if c0 is not None else None, *grads)
+    path.backward_launches.append(g.info)
+    grads = []
+    rows = w_hh.shape[1]
+    for d in range(D):
+        grads += [g.dw_ih[d * rows:(d + 1) * rows], d_w_hh[d]]
+        grads += [g.db_ih[d * rows:(d + 1) * rows], g.db_hh[d * rows:(d + 1) * rows]] if has_bias else [None, None]
+        grads.append(d_w_hr[d])
+    return (g.dx, d_h0, g.dc0 if c0 is not None else None, *grads)
 
 
 def _by_direction(seq, D):
@@ -215,19 +280,23 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
     """The whole stack. input: a tensor ([T, B, I], or [B, T, I] when batch_first) or a
     PackedSequence whose batch order hx already follows (sorted). hx: h0 [L*D, B, H_out] or None,
     and for LSTM a pair (h0, c0) or None. Returns (output, h_n, c_n or None, ForwardPath); output
-    is a PackedSequence when input is one (the kernels work on its packed data throughout; the
-    reference pads it).
+    is a PackedSequence when input is one (both paths work on its packed data between layers).
+
+    Layers run time-major, as torch.nn's do, so that inter-layer dropout sees the tensor torch.nn's
+    sees (each layer's [T, B, D*H] output, or the packed data) and draws the same masks from the
+    same generator state; a batch-first output is a transposed view, as torch.nn's is.
     """
     D = 2 if bidirectional else 1
     packed = isinstance(input, PackedSequence)
     h0, c0 = (hx if hx is not None else (None, None)) if cell == Cell.LSTM else (hx, None)
     path = choose_backend(input.data if packed else input)
-    x, lengths, packing = input, None, None
-    if packed and path.backend == "triton":
-        # The kernels read and write torch's packed layout directly: real tokens only.
-        x, packing = input.data, Packing.from_batch_sizes(input.batch_sizes, input.data.device)
-    elif packed:
-        x, lengths = pad_packed_sequence(PackedSequence(input.data, input.batch_sizes), batch_first=batch_first)
+    packing = None
+    if packed:
+        x = input.data
+        if path.backend == "triton":  # the kernels read and write torch's packed layout: real tokens only
+            packing = Packing.from_batch_sizes(input.batch_sizes, x.device)
+    else:
+        x = input.transpose(0, 1) if batch_first else input
 
     per_direction = 2 + 2 * has_bias + (proj_size > 0)
     per_layer = per_direction * D
@@ -239,19 +308,30 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
             # The fused layers take a fixed number of tensors per direction; absent biases are None.
             flat = [t for w in _group(flat, has_bias, proj_size > 0) for t in (w if proj_size else w[:4])]
             save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *states, *flat))
-            args = (packing, batch_first, path, save, x, *states, *flat)
-            x, h_n, c_n = FusedLSTMProjLayer.apply(*args) if proj_size else FusedRNNLayer.apply(cell, *args)
+            args = (packing, path, save, x, *states, *flat)
+            x, h_n, c_n, *_ = FusedLSTMProjLayer.apply(*args) if proj_size else FusedRNNLayer.apply(cell, *args)
         else:
-            x, h_n, c_n = reference.layer_forward(cell, x, *states, lengths, _group(flat, has_bias, proj_size > 0),
-                                                  batch_first)
+            x, h_n, c_n = _reference_layer(cell, x, input.batch_sizes if packed else None, states,
+                                           _group(flat, has_bias, proj_size > 0))
         h_ns.append(h_n)
         c_ns.append(c_n)
         if dropout and training and layer < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
+            # torch.nn's layers hand dropout a dense tensor; its masks follow memory order.
+            x = F.dropout(x.contiguous(), dropout, training=True)
     h_n = torch.cat(h_ns)
     c_n = torch.cat(c_ns) if cell == Cell.LSTM else None
     if packed:
-        data = x if packing is not None else pack_padded_sequence(x, lengths, batch_first=batch_first).data
-        x = PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        x = PackedSequence(x, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+    elif batch_first:
+        x = x.transpose(0, 1)
     return x, h_n, c_n, path
 
+
+def _reference_layer(cell, x, batch_sizes, states, weights):
+    """One layer on the reference path, time-major: x [T, B, I], or packed data [N, I] with its
+    batch_sizes (padded for the reference loop, packed again after)."""
+    if batch_sizes is None:
+        return reference.layer_forward(cell, x, *states, None, weights)
+    padded, lengths = pad_packed_sequence(PackedSequence(x, batch_sizes))
+    out, h_n, c_n = reference.layer_forward(cell, padded, *states, lengths, weights)
+    return pack_padded_sequence(out, lengths).data, h_n, c_n

@@ -116,12 +116,18 @@ def test_inference_saves_nothing_and_training_saves_gates(monkeypatch):
     assert any(t is not None and t.data_ptr() == calls[5].data_ptr() for t in out.grad_fn.saved_tensors)
 
 
-def test_double_backward_is_refused(monkeypatch):
+@pytest.mark.parametrize("proj", [0, 2])
+def test_double_backward_is_refused(proj, monkeypatch):
+    """create_graph=True gives first-order gradients that refuse to be differentiated (a gradient
+    penalty through the kernels fails loudly instead of missing their second-order part)."""
     monkeypatch.setenv("RNN_BACKEND", "triton")
-    model = rnn.GRU(3, 4).double()
+    model = (rnn.LSTM(3, 4, proj_size=proj) if proj else rnn.GRU(3, 4)).double()
     x = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
+    (plain,) = torch.autograd.grad(model(x)[0].sum(), x)
+    assert torch.equal(g, plain) and g.requires_grad
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
+        g.pow(2).sum().backward()
     monkeypatch.setenv("RNN_BACKEND", "reference")  # the way out the message names works
     (g,) = torch.autograd.grad(model(x)[0].sum(), x, create_graph=True)
     g.sum().backward()
