@@ -1,5 +1,5 @@
 """Drop-in replacements for torch.nn.RNN, LSTM and GRU on fused persistent Triton kernels."""
 from rnn.functional import ForwardPath
-from rnn.modules import GRU, LSTM, RNN, from_torch
+from rnn.modules import GRU, LSTM, RNN, from_torch, to_torch
 
-__all__ = ["RNN", "LSTM", "GRU", "from_torch", "ForwardPath"]
+__all__ = ["RNN", "LSTM", "GRU", "from_torch", "to_torch", "ForwardPath"]

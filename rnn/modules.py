@@ -5,6 +5,7 @@ state_dict, repr and isinstance are torch's own. forward validates as torch.nn d
 types and messages) and hands the stack to rnn.functional.
 """
 import contextlib
+import warnings
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
@@ -22,14 +23,34 @@ class _FusedRNNBase:
     def _cell(self) -> Cell:
         return Cell[self.mode]
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first. TorchScript cannot compile a forward that launches
+        Triton kernels, and handing it the torch.nn twin would swap that twin into the caller's
+        own model for good: refuse, naming what works."""
+        name = type(self).__name__
+        raise RuntimeError(f"torch.jit.script cannot compile rnn.{name} (its forward launches Triton kernels). "
+                           f"Use torch.compile; or torch.jit.trace, which records torch.nn.{name}'s own op for any "
+                           f"sequence length; or script the torch.nn twin, which shares the parameters: "
+                           f"torch.jit.script(rnn.to_torch(module))")
+
     def forward(self, input, hx=None):
+        if torch.jit.is_tracing():
+            # A traced graph must not bake in this call's sequence length (our launches loop in
+            # Python): torch.nn's forward records its one length-generic op instead.
+            _warn_traced(self)
+            return super().forward(input, hx)
         self._update_flat_weights()
         cell = self._cell()
         is_lstm = cell == Cell.LSTM
-        D = 2 if self.bidirectional else 1
+        given_hx = hx
+        if hx is not None:
+            # torch.nn reads an LSTM's hx[0] and hx[1] of any sequence (a list too); anything but
+            # a tensor is an RNN's or GRU's AttributeError.
+            hx = (hx[0], hx[1]) if is_lstm else _state(hx, cell)
         packed = isinstance(input, PackedSequence)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            check_packed(data, batch_sizes, sorted_indices, unsorted_indices)
             is_batched = True
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
@@ -44,15 +65,21 @@ class _FusedRNNBase:
                 data = input = input.unsqueeze(0 if self.batch_first else 1)
             if hx is not None:
                 hx = _batch_hidden(hx, is_batched, is_lstm)
-        if hx is not None:
-            self.check_forward_args(data, hx, batch_sizes)
-        else:
-            # torch.nn builds zeros here; the kernels start from zeros without reading any.
-            self.check_input(data, batch_sizes)
+        try:
+            if hx is not None:
+                self.check_forward_args(data, hx, batch_sizes)
+            else:
+                # torch.nn builds zeros here; the kernels start from zeros without reading any.
+                self.check_input(data, batch_sizes)
+        except ValueError as exc:
+            if packed and is_lstm:  # torch.nn's packed LSTM finds a wrong dtype in its kernels
+                raise RuntimeError(str(exc)) from None
+            raise
+        if is_lstm and given_hx is not None:
+            _check_pair(given_hx)
         _check_devices_and_dtypes(data, self._flat_weights[0], hx)
         if not packed and data.size(1 if self.batch_first else 0) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-
         weights = self._flat_weights
         amp = contextlib.nullcontext()
         if cuda_autocast(data):
@@ -90,6 +117,59 @@ def _half(value):
     if not data.is_floating_point() or data.dtype == torch.float64:
         return value
     return value.to(torch.float16)
+
+
+def _check_pair(hx):
+    """What torch.nn's LSTM kernel refuses after the shape checks: hx not a pair of states."""
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"LSTM: hx must be a tuple (h_0, c_0), got a {type(hx).__name__}")
+    if len(hx) != 2:
+        raise RuntimeError("lstm expects two hidden states")
+
+
+def _state(hx, cell: Cell):
+    """An RNN's or GRU's hx: one tensor (torch.nn fails on anything else with an AttributeError)."""
+    if not isinstance(hx, torch.Tensor):
+        raise AttributeError(f"{cell.name if cell == Cell.GRU else 'RNN'}: hx must be a Tensor, "
+                             f"got a {type(hx).__name__}")
+    return hx
+
+
+def check_packed(data, batch_sizes, sorted_indices, unsorted_indices):
+    """A PackedSequence that the kernels can trust: batch_sizes a 1-D int64 CPU tensor of positive,
+    non-increasing sizes that add up to data's rows; the index tensors both absent or mutually
+    inverse permutations of the batch. torch.nn runs malformed ones and reads past the data."""
+    if not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 \
+            or batch_sizes.device.type != "cpu":
+        what = (f"a {batch_sizes.dim()}-D {batch_sizes.dtype} tensor on {batch_sizes.device}"
+                if isinstance(batch_sizes, torch.Tensor) else type(batch_sizes).__name__)
+        raise RuntimeError(f"PackedSequence: batch_sizes must be a 1-D int64 tensor on the CPU, got {what}")
+    if len(batch_sizes) == 0 or batch_sizes.min() <= 0 or (batch_sizes[1:] > batch_sizes[:-1]).any():
+        raise RuntimeError(f"PackedSequence: batch_sizes must be positive and non-increasing (one entry per time "
+                           f"step, as pack_padded_sequence makes them), got {batch_sizes.tolist()}")
+    rows = int(batch_sizes.sum())
+    if data.dim() >= 1 and data.size(0) != rows:
+        raise RuntimeError(f"PackedSequence: batch_sizes add up to {rows} rows but data has {data.size(0)} "
+                           f"(data shape {list(data.shape)})")
+    if (sorted_indices is None) != (unsorted_indices is None):
+        raise RuntimeError("PackedSequence: sorted_indices and unsorted_indices must both be given or both be None")
+    if sorted_indices is None:
+        return
+    batch = int(batch_sizes[0])
+    for name, idx in (("sorted_indices", sorted_indices), ("unsorted_indices", unsorted_indices)):
+        if idx.dim() != 1 or idx.dtype != torch.int64 or len(idx) != batch:
+            raise RuntimeError(f"PackedSequence: {name} must be a 1-D int64 tensor of the batch size {batch}, got "
+                               f"a {idx.dim()}-D {idx.dtype} tensor of shape {list(idx.shape)}")
+    # Values live on the data's device: checked there, without a host synchronisation on a GPU.
+    seqs = torch.arange(batch, device=sorted_indices.device)
+    inverse = (sorted_indices.sort().values == seqs).all() & (unsorted_indices.sort().values == seqs).all() \
+        & (unsorted_indices[sorted_indices.clamp(0, batch - 1)] == seqs).all()
+    message = "PackedSequence: sorted_indices must be a permutation of the batch and unsorted_indices its inverse"
+    if inverse.device.type == "cpu":
+        if not inverse:
+            raise RuntimeError(message)
+    else:
+        torch._assert_async(inverse, message)
 
 
 def _batch_hidden(hx, is_batched: bool, is_lstm: bool):
@@ -134,6 +214,7 @@ class GRU(_FusedRNNBase, torch.nn.GRU):
 
 
 _OURS = {"RNN_TANH": RNN, "RNN_RELU": RNN, "LSTM": LSTM, "GRU": GRU}
+_TORCH = {"RNN_TANH": torch.nn.RNN, "RNN_RELU": torch.nn.RNN, "LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU}
 
 
 def from_torch(module: torch.nn.RNNBase) -> torch.nn.RNNBase:
@@ -144,6 +225,17 @@ def from_torch(module: torch.nn.RNNBase) -> torch.nn.RNNBase:
     """
     if type(module) not in (torch.nn.RNN, torch.nn.LSTM, torch.nn.GRU):
         raise TypeError(f"from_torch expects a torch.nn.RNN, LSTM or GRU, got {type(module).__name__}")
+    return _twin(module, _OURS[module.mode])
+
+
+def to_torch(module: torch.nn.RNNBase) -> torch.nn.RNNBase:
+    """The torch.nn twin of an rnn.RNN/LSTM/GRU, sharing its parameters: from_torch's inverse."""
+    if type(module) not in (RNN, LSTM, GRU):
+        raise TypeError(f"to_torch expects an rnn.RNN, LSTM or GRU, got {type(module).__name__}")
+    return _twin(module, _TORCH[module.mode])
+
+
+def _twin(module: torch.nn.RNNBase, cls) -> torch.nn.RNNBase:
     kwargs = dict(input_size=module.input_size, hidden_size=module.hidden_size, num_layers=module.num_layers,
                   bias=module.bias, batch_first=module.batch_first, dropout=module.dropout,
                   bidirectional=module.bidirectional)
@@ -152,9 +244,16 @@ def from_torch(module: torch.nn.RNNBase) -> torch.nn.RNNBase:
     elif module.mode.startswith("RNN"):
         kwargs["nonlinearity"] = module.nonlinearity
     # Built on the meta device: the fresh parameters are never materialised, only replaced.
-    ours = _OURS[module.mode](**kwargs, device="meta")
+    twin = cls(**kwargs, device="meta")
     for name in module._flat_weights_names:
-        setattr(ours, name, getattr(module, name))
-    ours._init_flat_weights()
-    ours.train(module.training)
-    return ours
+        setattr(twin, name, getattr(module, name))
+    twin._init_flat_weights()
+    twin.train(module.training)
+    return twin
+
+
+def _warn_traced(module):
+    name = type(module).__name__
+    warnings.warn(f"torch.jit.trace of rnn.{name}: a traced graph cannot call the fused Triton kernels, so it "
+                  f"records torch.nn.{name}'s own op (same parameters and results, for any sequence length; "
+                  f"cuDNN's speed on a GPU)", stacklevel=3)

@@ -2,6 +2,9 @@
 grids with the grid barrier, K-chunked large H, and the stepwise fall-back for grids that cannot be
 co-resident. Skipped where no CUDA device is."""
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +234,23 @@ def test_autocast_matches_torch(mode):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         theirs, mine = flatten_output(ref(x)), flatten_output(ours(x))
     assert [t.dtype for t in mine] == [t.dtype for t in theirs]
+
+
+_BAD_INDICES = """
+import torch, rnn
+from torch.nn.utils.rnn import PackedSequence
+model = rnn.GRU(3, 4).cuda()
+pack = PackedSequence(torch.randn(5, 3, device="cuda"), torch.tensor([2, 2, 1]),
+                      torch.tensor([0, 1], device="cuda"), torch.tensor([1, 0], device="cuda"))
+model(pack)
+torch.cuda.synchronize()
+print("no error")
+"""
+
+
+def test_inconsistent_packed_indices_fail_on_the_device():
+    """Index tensors on the GPU are checked there (no host synchronisation in a forward): a
+    device-side assert, which ends the CUDA context, so it runs in a child process."""
+    result = subprocess.run([sys.executable, "-c", _BAD_INDICES], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "no error" not in result.stdout, result.stdout + result.stderr
