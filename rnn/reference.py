@@ -1,5 +1,5 @@
-"""Pure-PyTorch recurrence: the CPU path, the oracle of the tests, and (until the fused backward
-lands) the graph that gradients of the fused forward are taken through.
+"""Pure-PyTorch recurrence: the CPU path (RNN_BACKEND=reference, or CPU tensors without the
+interpreter) and the oracle of the tests.
 
 Every function follows torch.nn's equations and gate order exactly; torch autograd differentiates it.
 """

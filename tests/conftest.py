@@ -32,3 +32,11 @@ def kernel_device():
 @pytest.fixture(autouse=True)
 def _default_backend(monkeypatch):
     monkeypatch.delenv("RNN_BACKEND", raising=False)
+
+
+# --- tests/test_differential.py: command-line option (nothing else of that file lives here) ---
+def pytest_addoption(parser):
+    parser.addoption("--diff-examples", type=int, default=None, metavar="N",
+                     help="hypothesis examples per test in tests/test_differential.py (default: its "
+                          "calibrated CI count)")
+# --- end of tests/test_differential.py's block ---

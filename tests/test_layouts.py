@@ -14,15 +14,14 @@ import torch
 from helpers import _weights, rel_err
 from kernels.backward import rnn_bwd
 from kernels.cells import Cell
-from kernels.configs import KernelConfig
 from kernels.forward import rnn_fwd
 from rnn.functional import _stack_weights
 
 pytestmark = pytest.mark.interpreter
 
+# Default partitions: the launchers decide the layouts, and the kernels index every partition
+# alike (tests/test_kernels.py covers the partitions).
 T, B, I, H, D = 3, 4, 5, 6, 2
-# One program per group (persistent) and three of them with batch tiles (stepwise).
-CONFIGS = {"single": None, "multi": KernelConfig(16, 16, persistent=False)}
 
 
 def layouts(t: torch.Tensor):
@@ -43,9 +42,9 @@ def _forward_args(cell, device):
                 c0=torch.randn(D, B, H, dtype=torch.float64, device=device) if cell == Cell.LSTM else None)
 
 
-def _run_forward(cell, args, config):
+def _run_forward(cell, args):
     return rnn_fwd(cell, args["x"], args["w_ih"], args["w_hh"], args["bias"], args["b_hn"], args["h0"], args["c0"],
-                   None, False, config, save=True)
+                   None, False, save=True)
 
 
 def _assert_equal(name, ours, dense):
@@ -55,35 +54,33 @@ def _assert_equal(name, ours, dense):
             assert err <= 1e-13, f"{name}: result {i} differs from the dense tensor's by {err:.3g}"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
 @pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
-def test_forward_takes_any_layout(cell, config, kernel_device):
+def test_forward_takes_any_layout(cell, kernel_device):
     torch.manual_seed(0)
     args = _forward_args(cell, kernel_device)
     for name, value in args.items():
         if value is None:
             continue
         for layout, strided in layouts(value):
-            dense = _run_forward(cell, dict(args, **{name: strided.contiguous()}), CONFIGS[config])
-            ours = _run_forward(cell, dict(args, **{name: strided}), CONFIGS[config])
+            dense = _run_forward(cell, dict(args, **{name: strided.contiguous()}))
+            ours = _run_forward(cell, dict(args, **{name: strided}))
             _assert_equal(f"{name} {layout}", ours[:3] + (ours.saved,), dense[:3] + (dense.saved,))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
 @pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
-def test_backward_takes_any_layout(cell, config, kernel_device):
+def test_backward_takes_any_layout(cell, kernel_device):
     """Upstream gradients above all (a sum's is expanded, a permute's transposed, a slice's
     strided), and every other tensor the backward launcher reads."""
     torch.manual_seed(1)
     fwd_args = _forward_args(cell, kernel_device)
-    fwd = _run_forward(cell, fwd_args, CONFIGS[config])
+    fwd = _run_forward(cell, fwd_args)
     args = dict(x=fwd_args["x"], w_ih=fwd_args["w_ih"], w_hh=fwd_args["w_hh"], h0=fwd_args["h0"],
                 c0=fwd_args["c0"], out=fwd.out, saved=fwd.saved, d_out=torch.randn_like(fwd.out),
                 d_hn=torch.randn_like(fwd.h_n), d_cn=torch.randn_like(fwd.h_n) if cell == Cell.LSTM else None)
 
     def run(a):
         return rnn_bwd(cell, a["x"], a["w_ih"], a["w_hh"], a["h0"], a["c0"], None, a["out"], a["saved"], a["d_out"],
-                       a["d_hn"], a["d_cn"], False, config=CONFIGS[config])
+                       a["d_hn"], a["d_cn"], False)
 
     for name, value in args.items():
         if value is None:
@@ -98,8 +95,8 @@ def test_wrong_shapes_are_errors(kernel_device):
     """A state or gradient of the wrong shape is refused before any kernel reads it."""
     args = _forward_args(Cell.LSTM, kernel_device)
     with pytest.raises(ValueError, match="h0 must have shape"):
-        _run_forward(Cell.LSTM, dict(args, h0=args["h0"][:, :1]), None)
-    fwd = _run_forward(Cell.LSTM, args, None)
+        _run_forward(Cell.LSTM, dict(args, h0=args["h0"][:, :1]))
+    fwd = _run_forward(Cell.LSTM, args)
     with pytest.raises(ValueError, match="d_hn must have shape"):
         rnn_bwd(Cell.LSTM, args["x"], args["w_ih"], args["w_hh"], None, None, None, fwd.out, fwd.saved, None,
                 torch.ones(1, 1, 1, dtype=torch.float64, device=kernel_device), None, False)
