@@ -442,6 +442,9 @@ class _Layer:
         self.b_hn = dense("b_hn", b_hn, (D, H))
         self.h0 = dense("h0", h0, (D, B, H))
         self.c0 = dense("c0", c0, (D, B, H))
+        if tuple(w_ih.shape) != (D * G * H, x.shape[-1]) or (bias is not None and tuple(bias.shape) != (D * G * H,)):
+            raise ValueError(f"rnn_fwd: w_ih must have shape [{D * G * H}, {x.shape[-1]}] and bias [{D * G * H}], "
+                             f"got {list(w_ih.shape)} and {None if bias is None else list(bias.shape)}")
         self.xw = input_projection(x, w_ih, bias)
         if first_step is not None:
             self._add_first_step(first_step)

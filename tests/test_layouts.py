@@ -96,6 +96,8 @@ def test_wrong_shapes_are_errors(kernel_device):
     args = _forward_args(Cell.LSTM, kernel_device)
     with pytest.raises(ValueError, match="h0 must have shape"):
         _run_forward(Cell.LSTM, dict(args, h0=args["h0"][:, :1]))
+    with pytest.raises(ValueError, match="w_ih must have shape"):
+        _run_forward(Cell.LSTM, dict(args, w_ih=args["w_ih"][:-1]))
     fwd = _run_forward(Cell.LSTM, args)
     with pytest.raises(ValueError, match="d_hn must have shape"):
         rnn_bwd(Cell.LSTM, args["x"], args["w_ih"], args["w_hh"], None, None, None, fwd.out, fwd.saved, None,
