@@ -3,8 +3,9 @@
 The kernels index with computed offsets, so each tensor must be dense or have its strides passed
 (issue 11: an expanded gradient of h_n.sum() was read as if dense). Each argument of rnn_fwd and
 rnn_bwd in turn is replaced by an equal-valued tensor in another layout (a stride-2 slice of a
-tensor interleaved with NaN, a transposed storage, a stride-0 expansion), and the results must
-equal those of the dense tensor (to rounding: torch's GEMMs may sum in another order).
+tensor interleaved with NaN, a transposed storage, a stride-0 expansion), padded and packed, and
+the results must equal those of the dense tensor (to rounding: torch's GEMMs may sum in another
+order).
 """
 import math
 
@@ -15,6 +16,7 @@ from helpers import _weights, rel_err
 from kernels.backward import rnn_bwd
 from kernels.cells import Cell
 from kernels.forward import rnn_fwd
+from kernels.packing import Packing
 from rnn.functional import _stack_weights
 
 pytestmark = pytest.mark.interpreter
@@ -34,17 +36,26 @@ def layouts(t: torch.Tensor):
     yield "expanded", t[:1].expand_as(t)
 
 
-def _forward_args(cell, device):
+# Packed: lengths 3, 2, 2, 1, so the data has 8 rows.
+PACKED_BATCH_SIZES = torch.tensor([4, 3, 1])
+
+
+def _packing(layout, device):
+    return Packing.from_batch_sizes(PACKED_BATCH_SIZES, device) if layout == "packed" else None
+
+
+def _forward_args(cell, device, packing=None):
     weights = _weights(cell, I, H, D, True, device)
     w_ih, w_hh, bias, b_hn = _stack_weights(cell, [w[:4] for w in weights])
-    return dict(x=torch.randn(T, B, I, dtype=torch.float64, device=device), w_ih=w_ih, w_hh=w_hh.contiguous(),
+    rows = (packing.rows,) if packing is not None else (T, B)
+    return dict(x=torch.randn(*rows, I, dtype=torch.float64, device=device), w_ih=w_ih, w_hh=w_hh.contiguous(),
                 bias=bias, b_hn=b_hn, h0=torch.randn(D, B, H, dtype=torch.float64, device=device),
                 c0=torch.randn(D, B, H, dtype=torch.float64, device=device) if cell == Cell.LSTM else None)
 
 
-def _run_forward(cell, args):
+def _run_forward(cell, args, packing=None):
     return rnn_fwd(cell, args["x"], args["w_ih"], args["w_hh"], args["bias"], args["b_hn"], args["h0"], args["c0"],
-                   None, False, save=True)
+                   packing, False, save=True)
 
 
 def _assert_equal(name, ours, dense):
@@ -54,33 +65,41 @@ def _assert_equal(name, ours, dense):
             assert err <= 1e-13, f"{name}: result {i} differs from the dense tensor's by {err:.3g}"
 
 
-@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
-def test_forward_takes_any_layout(cell, kernel_device):
+CELLS = pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
+SEQUENCES = pytest.mark.parametrize("sequences", ["padded", "packed"])
+
+
+@SEQUENCES
+@CELLS
+def test_forward_takes_any_layout(cell, sequences, kernel_device):
     torch.manual_seed(0)
-    args = _forward_args(cell, kernel_device)
+    packing = _packing(sequences, kernel_device)
+    args = _forward_args(cell, kernel_device, packing)
     for name, value in args.items():
         if value is None:
             continue
         for layout, strided in layouts(value):
-            dense = _run_forward(cell, dict(args, **{name: strided.contiguous()}))
-            ours = _run_forward(cell, dict(args, **{name: strided}))
+            dense = _run_forward(cell, dict(args, **{name: strided.contiguous()}), packing)
+            ours = _run_forward(cell, dict(args, **{name: strided}), packing)
             _assert_equal(f"{name} {layout}", ours[:3] + (ours.saved,), dense[:3] + (dense.saved,))
 
 
-@pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
-def test_backward_takes_any_layout(cell, kernel_device):
+@SEQUENCES
+@CELLS
+def test_backward_takes_any_layout(cell, sequences, kernel_device):
     """Upstream gradients above all (a sum's is expanded, a permute's transposed, a slice's
     strided), and every other tensor the backward launcher reads."""
     torch.manual_seed(1)
-    fwd_args = _forward_args(cell, kernel_device)
-    fwd = _run_forward(cell, fwd_args)
+    packing = _packing(sequences, kernel_device)
+    fwd_args = _forward_args(cell, kernel_device, packing)
+    fwd = _run_forward(cell, fwd_args, packing)
     args = dict(x=fwd_args["x"], w_ih=fwd_args["w_ih"], w_hh=fwd_args["w_hh"], h0=fwd_args["h0"],
                 c0=fwd_args["c0"], out=fwd.out, saved=fwd.saved, d_out=torch.randn_like(fwd.out),
                 d_hn=torch.randn_like(fwd.h_n), d_cn=torch.randn_like(fwd.h_n) if cell == Cell.LSTM else None)
 
     def run(a):
-        return rnn_bwd(cell, a["x"], a["w_ih"], a["w_hh"], a["h0"], a["c0"], None, a["out"], a["saved"], a["d_out"],
-                       a["d_hn"], a["d_cn"], False)
+        return rnn_bwd(cell, a["x"], a["w_ih"], a["w_hh"], a["h0"], a["c0"], packing, a["out"], a["saved"],
+                       a["d_out"], a["d_hn"], a["d_cn"], False)
 
     for name, value in args.items():
         if value is None:
