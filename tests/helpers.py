@@ -1,6 +1,7 @@
 """Shared test helpers: relative errors, tolerances, module pairs and full parity comparisons."""
 import math
 
+import pytest
 import torch
 
 import rnn
@@ -42,6 +43,21 @@ TOL = {
     torch.float16: 5e-3,
     torch.bfloat16: 3e-2,
 }
+
+
+# Where ours runs in the module-level tests: the kernels through the interpreter, the reference
+# path, or (gpu tests) the compiled kernels on CUDA; torch.nn, the reference, stays on the CPU.
+BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "reference",
+            pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def use_backend(backend: str, monkeypatch, *modules) -> str:
+    """Select ``backend`` (RNN_BACKEND) and move ``modules`` to its device; returns the device."""
+    monkeypatch.setenv("RNN_BACKEND", "triton" if backend == "cuda" else backend)
+    device = "cuda" if backend == "cuda" else "cpu"
+    for module in modules:
+        module.to(device)
+    return device
 
 
 def rel_err(ours, ref) -> float:

@@ -13,11 +13,8 @@ import torch
 from torch.func import functional_call, grad, jacfwd, jacrev, vmap
 
 import rnn
-from helpers import TOL, make_pair, rel_err
+from helpers import BACKENDS, TOL, make_pair, rel_err, use_backend
 
-# The kernels through the interpreter, the reference path, and (gpu tests) the compiled kernels;
-# torch.nn always on the CPU.
-BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "reference", pytest.param("cuda", marks=pytest.mark.gpu)]
 MODES = {"LSTM": ("LSTM", {}), "LSTM-proj": ("LSTM", {"proj_size": 2}), "GRU": ("GRU", {}),
          "RNN-tanh": ("RNN_TANH", {})}
 T, B, I, H = 3, 2, 3, 4
@@ -27,14 +24,6 @@ def _pair(mode, **kwargs):
     cell, extra = MODES[mode]
     torch.manual_seed(0)
     return make_pair(cell, I, H, num_layers=2, bidirectional=True, **extra, **kwargs)
-
-
-def _use(backend, monkeypatch, ours):
-    """Set RNN_BACKEND for ``backend`` and move ours to its device; returns the device."""
-    monkeypatch.setenv("RNN_BACKEND", "triton" if backend == "cuda" else backend)
-    device = "cuda" if backend == "cuda" else "cpu"
-    ours.to(device)
-    return device
 
 
 def _params(module):
@@ -49,7 +38,7 @@ def _loss(module):
 @pytest.mark.parametrize("mode", MODES, ids=list(MODES))
 def test_grad_of_functional_call(mode, backend, monkeypatch):
     ref, ours = _pair(mode)
-    device = _use(backend, monkeypatch, ours)
+    device = use_backend(backend, monkeypatch, ours)
     x = torch.randn(T, B, I, dtype=torch.float64)
     d_ref = grad(_loss(ref), argnums=(0, 1))(_params(ref), x)
     d_ours = grad(_loss(ours), argnums=(0, 1))(_params(ours), x.to(device))
@@ -67,7 +56,7 @@ def test_jacrev(mode, backend, monkeypatch):
     cell, extra = MODES[mode]
     torch.manual_seed(0)
     ref, ours = make_pair(cell, I, 3, bidirectional=True, **extra)
-    device = _use(backend, monkeypatch, ours)
+    device = use_backend(backend, monkeypatch, ours)
     x = torch.randn(2, 1, I, dtype=torch.float64)
     assert rel_err(jacrev(lambda x: ours(x)[0])(x.to(device)), jacrev(lambda x: ref(x)[0])(x)) <= TOL[torch.float64]
 
@@ -79,7 +68,7 @@ def test_vmap(mode, backend, monkeypatch):
     against a loop of torch.nn calls: over inputs, over stacked parameters (an ensemble), and
     composed with grad both ways."""
     ref, ours = _pair(mode)
-    device = _use(backend, monkeypatch, ours)
+    device = use_backend(backend, monkeypatch, ours)
     xs = torch.randn(2, T, B, I, dtype=torch.float64)
     xs_ours = xs.to(device)
     loop = torch.stack([ref(x)[0] for x in xs])

@@ -10,21 +10,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn
-from helpers import TOL, make_pair, rel_err
-
-# Where ours runs: the kernels through the interpreter, the reference path, or (gpu tests) the
-# compiled kernels on CUDA, always against torch.nn on the CPU.
-BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "reference", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def _use(backend, monkeypatch, *modules):
-    """Set RNN_BACKEND for ``backend``; the device ours runs on (the modules are moved there)."""
-    monkeypatch.setenv("RNN_BACKEND", "triton" if backend == "cuda" else backend)
-    device = "cuda" if backend == "cuda" else "cpu"
-    for module in modules:
-        module.to(device)
-    return device
-
+from helpers import BACKENDS, TOL, make_pair, rel_err, use_backend
 
 CPU_BACKENDS = BACKENDS[:2]
 MODES = {"LSTM": ("LSTM", {}), "LSTM-proj": ("LSTM", {"proj_size": 3}), "GRU": ("GRU", {}),
@@ -85,7 +71,7 @@ def test_losses_with_strided_upstream_gradients(mode, backend, monkeypatch):
     cell, extra = MODES[mode]
     torch.manual_seed(0)
     ref, ours = make_pair(cell, I, H, num_layers=2, bidirectional=True, **extra)
-    _use(backend, monkeypatch, ours)
+    use_backend(backend, monkeypatch, ours)
     x = torch.randn(T, B, I, dtype=torch.float64)
     L = 2 * 2
     h = torch.randn(L, B, extra.get("proj_size", H), dtype=torch.float64)
@@ -102,7 +88,7 @@ def test_autograd_grad_with_noncontiguous_grad_outputs(backend, monkeypatch):
     """torch.autograd.grad with grad_outputs that are expanded, transposed and sliced views."""
     torch.manual_seed(1)
     ref, ours = make_pair("LSTM", I, H, num_layers=2, bidirectional=True, batch_first=True)
-    device = _use(backend, monkeypatch, ours)
+    device = use_backend(backend, monkeypatch, ours)
     x = torch.randn(B, T, I, dtype=torch.float64)
     g_out = torch.randn(T, B, 2 * H, dtype=torch.float64).transpose(0, 1)  # [B, T, 2H], transposed
     g_h = torch.randn(1, 1, H, dtype=torch.float64).expand(4, B, H)
@@ -124,7 +110,7 @@ def test_lstm_hx_as_a_list(packed, backend, monkeypatch):
     """torch.nn's LSTM reads hx[0] and hx[1] of any sequence: a list [h0, c0] works as a tuple."""
     torch.manual_seed(2)
     ref, ours = make_pair("LSTM", I, H, bidirectional=True, proj_size=2)
-    _use(backend, monkeypatch, ours)
+    use_backend(backend, monkeypatch, ours)
     x = torch.randn(T, B, I, dtype=torch.float64)
     lengths = torch.tensor([2, T, 1])
 
@@ -215,7 +201,7 @@ def test_malformed_packed_sequences_are_refused(case, backend, monkeypatch):
     pack_padded_sequence raises for bad lengths) before any kernel sees it."""
     pack = _packs()[case]
     model = rnn.LSTM(I, H, bidirectional=True, dtype=torch.float64)
-    device = _use(backend, monkeypatch, model)
+    device = use_backend(backend, monkeypatch, model)
     if device != "cpu":
         pack = PackedSequence(pack.data.to(device), pack.batch_sizes)
     with pytest.raises(RuntimeError, match="PackedSequence"):
