@@ -161,8 +161,10 @@ def check_packed(data, batch_sizes, sorted_indices, unsorted_indices):
             raise RuntimeError(f"PackedSequence: {name} must be a 1-D int64 tensor of the batch size {batch}, got "
                                f"a {idx.dim()}-D {idx.dtype} tensor of shape {list(idx.shape)}")
     # Values live on the data's device: checked there, without a host synchronisation on a GPU.
+    # sorted_indices a permutation and unsorted_indices[sorted_indices] the identity make
+    # unsorted_indices its inverse permutation (the clamp only keeps a bad index in range).
     seqs = torch.arange(batch, device=sorted_indices.device)
-    inverse = (sorted_indices.sort().values == seqs).all() & (unsorted_indices.sort().values == seqs).all() \
+    inverse = (sorted_indices.sort().values == seqs).all() \
         & (unsorted_indices[sorted_indices.clamp(0, batch - 1)] == seqs).all()
     message = "PackedSequence: sorted_indices must be a permutation of the batch and unsorted_indices its inverse"
     if inverse.device.type == "cpu":
