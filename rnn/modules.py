@@ -39,6 +39,20 @@ class _FusedRNNBase:
             # Python): torch.nn's forward records its one length-generic op instead.
             _warn_traced(self)
             return super().forward(input, hx)
+        if torch.compiler.is_exporting():
+            # An exported program must run anywhere (ONNX, ExecuTorch, a machine without our
+            # ops): it records torch.nn's portable aten.lstm / aten.gru / aten.rnn_* instead.
+            return super().forward(input, hx)
+        compiling = torch.compiler.is_compiling()
+        path = None
+        if not compiling:
+            path = functional.choose_backend(input.data if isinstance(input, PackedSequence) else input)
+            if path.backend == "native":
+                # CPU tensors without the interpreter: torch.nn's own implementation costs nothing
+                # to swap in, and is exactly torch.nn's (results, errors and dropout).
+                output = super().forward(input, hx)
+                self.last_path = path
+                return output
         self._update_flat_weights()
         cell = self._cell()
         is_lstm = cell == Cell.LSTM
@@ -89,8 +103,9 @@ class _FusedRNNBase:
             output, h_n, c_n, path = functional.rnn(
                 cell, input, hx, weights, num_layers=self.num_layers, bidirectional=self.bidirectional,
                 batch_first=self.batch_first, dropout=self.dropout, training=self.training, has_bias=self.bias,
-                proj_size=getattr(self, "proj_size", 0))
-        self.last_path = path
+                proj_size=getattr(self, "proj_size", 0), path=path)
+        if not compiling:  # a compiled call's launches happen outside Python: last_path is eager calls'
+            self.last_path = path
         hidden = (h_n, c_n) if is_lstm else h_n
         if packed:
             return output, self.permute_hidden(hidden, unsorted_indices)

@@ -5,6 +5,7 @@ Every function follows torch.nn's equations and gate order exactly; torch autogr
 """
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from kernels.cells import Cell
 
@@ -72,3 +73,13 @@ def layer_forward(cell: Cell, x, h0, c0, lengths, weights, batch_first: bool = F
         out = out.transpose(0, 1)
     c_n = torch.stack(c_ns) if cell == Cell.LSTM else None
     return out, torch.stack(h_ns), c_n
+
+
+def layer(cell: Cell, x, batch_sizes, states, weights):
+    """One layer, time-major: x [T, B, I], or packed data [N, I] with its batch_sizes (padded for
+    the loop, packed again after). states: (h0, c0). Returns (out, h_n, c_n or None)."""
+    if batch_sizes is None:
+        return layer_forward(cell, x, *states, None, weights)
+    padded, lengths = pad_packed_sequence(PackedSequence(x, batch_sizes))
+    out, h_n, c_n = layer_forward(cell, padded, *states, lengths, weights)
+    return pack_padded_sequence(out, lengths).data, h_n, c_n

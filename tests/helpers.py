@@ -10,7 +10,7 @@ from kernels.cells import Cell
 from kernels.configs import KernelConfig
 from kernels.forward import rnn_fwd
 from kernels.packing import Packing
-from rnn.functional import _stack_weights
+from rnn.ops import stack_weights as _stack_weights
 from rnn.reference import layer_forward
 
 CELL_IDS = [c.name for c in Cell]

@@ -9,7 +9,7 @@ import rnn
 from helpers import CELL_IDS, PARTITIONS, TOL, assert_grads_close, run_backward
 from kernels.cells import Cell
 from kernels.configs import KernelConfig, candidate_backward_configs, describe
-from rnn import functional
+from rnn import functional, ops
 
 pytestmark = pytest.mark.interpreter
 
@@ -90,14 +90,14 @@ def test_gradcheck_through_the_kernels(mode, monkeypatch):
 def test_inference_saves_nothing_and_training_saves_gates(monkeypatch):
     monkeypatch.setenv("RNN_BACKEND", "triton")
     calls = []
-    real = functional.rnn_fwd
+    real = ops.rnn_fwd
 
     def spy(*args, **kwargs):
         result = real(*args, **kwargs)
         calls.append(result.saved)
         return result
 
-    monkeypatch.setattr(functional, "rnn_fwd", spy)
+    monkeypatch.setattr(ops, "rnn_fwd", spy)
     model = rnn.LSTM(4, 6, num_layers=2)
     x = torch.randn(5, 3, 4)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from kernels.backward import rnn_bwd
 from kernels.cells import Cell
 from kernels.forward import rnn_fwd
 from kernels.packing import Packing
-from rnn.functional import _stack_weights
+from rnn.ops import stack_weights as _stack_weights
 
 pytestmark = pytest.mark.interpreter
 

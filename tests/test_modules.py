@@ -76,9 +76,9 @@ def test_backend_selection(monkeypatch):
     model(x)
     assert model.last_path.backend == "reference" and model.last_path.launches == []
     monkeypatch.setenv("RNN_BACKEND", "auto")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor without the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU tensor without the interpreter: torch.nn's own
     model(x)
-    assert model.last_path.backend == "reference"
+    assert model.last_path.backend == "native" and model.last_path.launches == []
 
 
 @pytest.mark.interpreter
@@ -131,13 +131,13 @@ def test_dropout_gradients_match_reference(monkeypatch):
     assert ours.inner.last_path.backend == "triton" and ref.inner.last_path.backend == "reference"
 
 
-def test_reference_on_cpu_without_interpreter_matches_torch(monkeypatch):
+def test_native_on_cpu_without_interpreter_matches_torch(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch.manual_seed(0)
     ref, ours = make_pair("GRU", 3, 5, num_layers=2, bidirectional=True)
     x = torch.randn(4, 2, 3, dtype=torch.float64)
     compare_modules(ref, ours, lambda: (lambda leaf: (leaf, leaf))(x.clone().requires_grad_()), tol=TOL[torch.float64])
-    assert ours.last_path.backend == "reference"
+    assert ours.last_path.backend == "native"
 
 
 def test_zero_batch():
