@@ -1,5 +1,6 @@
 """Persistent backward (BPTT) kernel of one recurrent layer (both directions), its launcher, and
 the weight-gradient GEMMs after the loop."""
+import functools
 from typing import NamedTuple
 
 import torch
@@ -9,7 +10,7 @@ import triton.language as tl
 from kernels import env
 from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
-from kernels.configs import (KernelConfig, backward_reduction, candidate_backward_configs, check_stages,
+from kernels.configs import (KernelConfig, backward_reduction, candidate_backward_configs, cdiv, check_stages,
                              default_backward_config)
 from kernels.packing import Packing
 from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _sm_count, autotune_cache, dense,
@@ -278,8 +279,8 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
     def launch(cfg: KernelConfig, steps: int | None = None) -> LaunchInfo:
         """The reverse-time loop with partition cfg: every step and then the gradients of h0 and
         c0, or (tuning) only the first ``steps`` steps."""
-        n_h = triton.cdiv(H, cfg.hidden_block)
-        grid = (n_h, triton.cdiv(B, cfg.batch_block), D)
+        n_h = cdiv(H, cfg.hidden_block)
+        grid = (n_h, cdiv(B, cfg.batch_block), D)
         xbuf = torch.zeros(2, D, B, G * H, dtype=acc, device=device)
         dhbuf = torch.empty(D, B, H, dtype=acc, device=device)
         dcbuf = torch.empty_like(dhbuf) if cell == Cell.LSTM else dhbuf
@@ -310,7 +311,7 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
         info = launch(config or _tuned_or_default(cell, T, B, w_hh, precision, packing, launch))
     else:
         cfg = config or default_backward_config(H, B, G, w_hh.element_size(), interpreting, D, _sm_count(device))
-        info = LaunchInfo("rnn_bwd_kernel", cfg, (triton.cdiv(H, cfg.hidden_block), 0, D), False)
+        info = LaunchInfo("rnn_bwd_kernel", cfg, (cdiv(H, cfg.hidden_block), 0, D), False)
         dg.zero_()
         dh0.zero_()
         if dc0 is not None:
@@ -357,6 +358,7 @@ def _tuned_or_default(cell: Cell, T: int, B: int, w_hh, precision: str, packing,
     return cfg or default
 
 
+@functools.lru_cache(maxsize=4096)  # pure; on every launch's host path
 def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, has_c0: bool, packed: bool,
                   has_dout: bool, has_dhn: bool, has_dcn: bool, upcast: bool, precision: str) -> dict:
     """The constexprs and launch options of rnn_bwd_kernel (all but SYNC)."""

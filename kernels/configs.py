@@ -1,5 +1,6 @@
 """Launch configurations of the recurrent kernels: the config type, the heuristic default, the
 space the autotuner searches and its on-disk cache."""
+import functools
 import itertools
 import json
 import os
@@ -10,6 +11,16 @@ import triton
 
 # tl.dot needs every dimension of a tile to be at least 16.
 MIN_TILE = 16
+
+
+# Host arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are JIT functions,
+# several microseconds a call from the host.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,7 @@ def check_stages(cfg: KernelConfig, reduction: int):
 
 def k_block(hidden_size: int) -> int:
     """H padded to a power of two (at least one dot tile): the recurrent matmul's whole reduction."""
-    return max(MIN_TILE, triton.next_power_of_2(hidden_size))
+    return max(MIN_TILE, next_pow2(hidden_size))
 
 
 # What one program keeps on-chip for all steps when the default runs resident: its W_hh slice and
@@ -83,6 +94,7 @@ H100_SMS = 132
 TUNED_SIZES = [(H, B) for H in (64, 128, 200, 256, 512, 768, 1024, 2048) for B in (1, 16, 64, 512)]
 
 
+@functools.lru_cache(maxsize=4096)  # pure; on every launch's host path
 def default_forward_config(hidden_size: int, batch: int, gates: int, elt_size: int, interpreting: bool,
                            directions: int = 1, sms: int = H100_SMS) -> KernelConfig:
     """Heuristic partition for one layer of ``gates`` gates with weights of ``elt_size`` bytes.
@@ -98,15 +110,15 @@ def default_forward_config(hidden_size: int, batch: int, gates: int, elt_size: i
     """
     full_k = k_block(hidden_size)
     if interpreting:
-        batch_block = min(64, max(MIN_TILE, triton.next_power_of_2(max(batch, 1))))
+        batch_block = min(64, max(MIN_TILE, next_pow2(max(batch, 1))))
         return KernelConfig(hidden_block=full_k, batch_block=batch_block)
     fused = gates > 1
     width = 4 if fused else 1  # dot columns per hidden unit
     batch_block = 16 if batch <= 16 else (32 if batch <= 32 else 64)
-    groups = directions * triton.cdiv(max(batch, 1), batch_block)
+    groups = directions * cdiv(max(batch, 1), batch_block)
     max_programs = max(1, sms // groups)
-    hidden_block = max(MIN_TILE // width, triton.next_power_of_2(triton.cdiv(hidden_size, max_programs)))
-    hidden_block = min(hidden_block, max(MIN_TILE // width, triton.next_power_of_2(hidden_size)))
+    hidden_block = max(MIN_TILE // width, next_pow2(cdiv(hidden_size, max_programs)))
+    hidden_block = min(hidden_block, max(MIN_TILE // width, next_pow2(hidden_size)))
     if batch_block == 16 and _fits_resident(width * full_k, full_k, batch_block, elt_size):
         hidden_block = full_k  # the whole layer in one program per group: no grid barrier at all
     if batch_block == 16 and _fits_resident(width * hidden_block, full_k, batch_block, elt_size):
@@ -130,6 +142,7 @@ def _fits_resident(columns: int, full_k: int, batch_block: int, elt_size: int) -
     return weight_bytes <= RESIDENT_WEIGHT_BYTES and h_bytes <= RESIDENT_H_BYTES
 
 
+@functools.lru_cache(maxsize=4096)  # pure; on every launch's host path
 def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: int, interpreting: bool,
                             directions: int = 1, sms: int = H100_SMS) -> KernelConfig:
     """Heuristic partition of the backward kernel (fused_gates unused). A program owns hidden
@@ -138,11 +151,11 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
     at least 16 units per program; otherwise the same rules as the forward default."""
     full_k = backward_reduction(hidden_size, gates)
     if interpreting:
-        batch_block = min(64, max(MIN_TILE, triton.next_power_of_2(max(batch, 1))))
+        batch_block = min(64, max(MIN_TILE, next_pow2(max(batch, 1))))
         return KernelConfig(hidden_block=k_block(hidden_size), batch_block=batch_block)
     batch_block = 16 if batch <= 16 else 32  # wider tiles spill here
-    groups = directions * triton.cdiv(max(batch, 1), batch_block)
-    hidden_block = max(MIN_TILE, triton.next_power_of_2(triton.cdiv(hidden_size, max(1, sms // groups))))
+    groups = directions * cdiv(max(batch, 1), batch_block)
+    hidden_block = max(MIN_TILE, next_pow2(cdiv(hidden_size, max(1, sms // groups))))
     hidden_block = min(hidden_block, k_block(hidden_size))
     # Each step also loads every program's gate gradients ([BB, G*H]): far less stays resident
     # than in the forward; chunks of 2*STREAM_K (STREAM_K for wide batch tiles) compile without
@@ -168,7 +181,7 @@ def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, d
         for k in (None, STREAM_K) if k_block(hidden_size) > STREAM_K else (None,):
             for fused in fused_options:
                 dot_width = hb * (4 if fused else 1)
-                if dot_width < MIN_TILE or hb > max(MIN_TILE, triton.next_power_of_2(hidden_size)):
+                if dot_width < MIN_TILE or hb > max(MIN_TILE, next_pow2(hidden_size)):
                     continue
                 columns = hb * (4 if fused else gates)  # of the whole slice, every gate
                 if k is None and not _fits_resident(columns // 2, k_block(hidden_size), base.batch_block // 2,
@@ -184,7 +197,7 @@ def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, d
 
 def backward_reduction(hidden_size: int, gates: int) -> int:
     """The backward's recurrent product reduces over every gate (G*H), padded to a power of two."""
-    return max(MIN_TILE, triton.next_power_of_2(gates * hidden_size))
+    return max(MIN_TILE, next_pow2(gates * hidden_size))
 
 
 def candidate_backward_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
@@ -224,7 +237,7 @@ def tuning_key(kernel: str, cell: str, hidden_size: int, batch: int, dtype: str,
                triton_version: str) -> str:
     """What a tuned config depends on. The batch enters as its power-of-two bucket, so nearby
     batch sizes share one tuning; T never enters (it changes no code)."""
-    bucket = triton.next_power_of_2(max(batch, 1))
+    bucket = next_pow2(max(batch, 1))
     return (f"{kernel}|{cell}|H={hidden_size}|B<={bucket}|{dtype}|D={directions}|{device}"
             f"|triton={triton_version}")
 

@@ -15,7 +15,7 @@ from kernels import env
 from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
 from kernels.packing import Packing
-from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, check_stages,
+from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, cdiv, check_stages,
                              default_forward_config, describe, is_resident, k_block, tuning_key)
 
 
@@ -488,8 +488,8 @@ class _Layer:
                            packed=packing is not None, has_bhn=self.b_hn is not None,
                            upcast=self.interpreting and self.dtype == torch.bfloat16, precision=self.precision,
                            save=saved is not None)
-        n_h = triton.cdiv(H, cfg.hidden_block)
-        grid = (n_h, triton.cdiv(B, cfg.batch_block), D)
+        n_h = cdiv(H, cfg.hidden_block)
+        grid = (n_h, cdiv(B, cfg.batch_block), D)
         if B == 0:
             return LaunchInfo("rnn_fwd_kernel", cfg, grid, False)
         acc = torch.float64 if self.dtype == torch.float64 else torch.float32
@@ -530,7 +530,12 @@ def layer_key(kernel: str, cell: Cell, H: int, B: int, dtype: torch.dtype, preci
               device: torch.device) -> str:
     """The tuning key of one layer shape on this GPU and Triton."""
     name = str(dtype).removeprefix("torch.") + ("-tf32" if precision == "tf32" else "")
-    return tuning_key(kernel, Cell(cell).name, H, B, name, D, torch.cuda.get_device_name(device), triton.__version__)
+    return tuning_key(kernel, Cell(cell).name, H, B, name, D, _device_name(device), triton.__version__)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
 
 
 def _tuning_key(layer: _Layer) -> str:
@@ -628,6 +633,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else H100_SMS
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, on every launch's host path
 def kernel_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, has_c0: bool, packed: bool,
                 has_bhn: bool, upcast: bool, precision: str, save: bool = False) -> dict:
     """The constexprs and launch options of rnn_fwd_kernel for one layer and config (all but

@@ -45,14 +45,14 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
         fn = rnn_fwd_kernel
         options = dict(has_h0=True, has_c0=cell == Cell.LSTM, packed=False, has_bhn=cell == Cell.GRU)
         options.update(flags or {})
-        meta = kernel_meta(cell, D, H, cfg, upcast=False, precision=precision, **options)
+        meta = dict(kernel_meta(cell, D, H, cfg, upcast=False, precision=precision, **options))  # cached: copy
         acc_args = ("hbuf_ptr", "cbuf_ptr")
     else:
         fn = rnn_bwd_kernel
         options = dict(has_h0=True, has_c0=cell == Cell.LSTM, packed=False, has_dout=True, has_dhn=True,
                        has_dcn=cell == Cell.LSTM)
         options.update(flags or {})
-        meta = backward_meta(cell, D, H, cfg, upcast=False, precision=precision, **options)
+        meta = dict(backward_meta(cell, D, H, cfg, upcast=False, precision=precision, **options))  # cached: copy
         acc_args = ("xbuf_ptr", "dhbuf_ptr", "dcbuf_ptr")
     launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"),
                   maxnreg=meta.pop("maxnreg", None), launch_cooperative_grid=sync)
