@@ -71,20 +71,17 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
     h_ns, c_ns = [], []
     for layer in range(num_layers):
         flat = flat_weights[layer * per_layer:(layer + 1) * per_layer]
-        groups = group_weights(flat, has_bias, proj_size > 0)
         states = [s[layer * D:(layer + 1) * D] if s is not None else None for s in (h0, c0)]
         if path.backend == "reference":
-            x, h_n, c_n = reference.layer(cell, x, batch_sizes, states, groups)
+            x, h_n, c_n = reference.layer(cell, x, batch_sizes, states, group_weights(flat, has_bias, proj_size > 0))
         else:
-            # The ops take a fixed number of tensors per direction; absent biases are None.
-            flat = [t for w in groups for t in (w if proj_size else w[:4])]
             save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *states, *flat))
             if compiling:  # the op's registered autograd: one graph node (see rnn/ops.py)
-                x, h_n, c_n, *_ = torch.ops.rnn.layer_fwd(x, *states, flat, batch_sizes, int(cell), proj_size > 0,
-                                                          save)
+                x, h_n, c_n, *_ = torch.ops.rnn.layer_fwd(x, *states, flat, batch_sizes, int(cell), has_bias,
+                                                          proj_size > 0, save)
             else:
-                x, h_n, c_n, *_ = FusedLayer.apply(x, *states, batch_sizes, int(cell), proj_size > 0, save, path,
-                                                   *flat)
+                x, h_n, c_n, *_ = FusedLayer.apply(x, *states, batch_sizes, int(cell), has_bias, proj_size > 0, save,
+                                                   path, *flat)
         h_ns.append(h_n)
         c_ns.append(c_n)
         if dropout and training and layer < num_layers - 1:

@@ -265,7 +265,7 @@ def _eager_layer(backend: str, cell: Cell, x, h0, c0, groups, batch_sizes):
 def _eager_grads(backend, cell, x, h0, c0, groups, batch_sizes, d_out, d_hn, d_cn, need_dx):
     """The gradients of _eager_layer, recomputing it under autograd."""
     flat = [w for g in groups for w in g]
-    with torch.enable_grad():
+    with _autograd_dispatch(), torch.enable_grad():
         leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, h0, c0, *flat)]
         x_, h0_, c0_, *flat_ = leaves
         outs = _eager_layer(backend, cell, x_, h0_, c0_, group_weights(flat_, True, True), batch_sizes)
@@ -286,6 +286,16 @@ def _eager_grads(backend, cell, x, h0, c0, groups, batch_sizes, d_out, d_hn, d_c
     return (dx, dh0, dc0, *stacked)
 
 
+def _autograd_dispatch():
+    """Autograd back on inside an op's implementation: a compiled backward calls layer_bwd with
+    the autograd dispatch keys excluded, where enable_grad alone records nothing."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                torch._C.DispatchKey.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
 # --- the operators ---------------------------------------------------------------------------
 
 def _none_if_empty(t: Tensor | None) -> Tensor | None:
@@ -293,14 +303,14 @@ def _none_if_empty(t: Tensor | None) -> Tensor | None:
     return None if t is None or (t.dim() == 1 and t.shape[0] == 0) else t
 
 
-def _layer_groups(weights, proj: bool):
-    """weights: per direction w_ih, w_hh, b_ih, b_hh[, w_hr] (absent biases None) -> 5-tuples."""
-    n = 5 if proj else 4
-    return [tuple(weights[i:i + n]) + ((None,) if not proj else ()) for i in range(0, len(weights), n)]
+def _layer_groups(weights, has_bias: bool, proj: bool):
+    """The ops' weights (per direction w_ih, w_hh[, b_ih, b_hh][, w_hr]) -> (w_ih, w_hh, b_ih, b_hh,
+    w_hr) per direction, absent ones None."""
+    return group_weights(weights, has_bias, proj)
 
 
-def layer_fwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: Sequence[Optional[Tensor]],
-              batch_sizes: Optional[Tensor], cell: int, proj: bool, save: bool
+def layer_fwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: Sequence[Tensor],
+              batch_sizes: Optional[Tensor], cell: int, has_bias: bool, proj: bool, save: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer, every direction, time-major ([T, B, I] in any strides, or packed data [N, I]
     with its batch_sizes). weights: per direction w_ih, w_hh, b_ih, b_hh (absent biases None),
@@ -311,7 +321,7 @@ def layer_fwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weight
     path with a projection; absent ones are empty 1-D tensors.
     """
     cell = Cell(cell)
-    groups = _layer_groups(weights, proj)
+    groups = _layer_groups(weights, has_bias, proj)
     if batch_sizes is not None:
         check_batch_sizes(batch_sizes, x.shape[0])
     backend = layer_backend(x.device)
@@ -345,9 +355,9 @@ layer_fwd = torch.library.custom_op("rnn::layer_fwd", layer_fwd_impl, mutates_ar
 
 
 @layer_fwd.register_fake
-def _layer_fwd_fake(x, h0, c0, weights, batch_sizes, cell, proj, save):
+def _layer_fwd_fake(x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save):
     cell = Cell(cell)
-    groups = _layer_groups(weights, proj)
+    groups = _layer_groups(weights, has_bias, proj)
     D, G = len(groups), cell.gates
     H = groups[0][1].shape[0] // G
     H_out = groups[0][4].shape[0] if proj else H
@@ -359,20 +369,19 @@ def _layer_fwd_fake(x, h0, c0, weights, batch_sizes, cell, proj, save):
         # The batch is batch_sizes[0], a value: known from a given state, else data-dependent.
         B = h0.shape[1] if h0 is not None else c0.shape[1] if c0 is not None \
             else torch.library.get_ctx().new_dynamic_size()
-    empty = x.new_empty(0)
     fused = layer_backend(x.device) == "triton"
     out = x.new_empty(*seq, D * H_out)
     h_n = x.new_empty(D, B, H_out)
-    c_n = x.new_empty(D, B, H) if cell == Cell.LSTM else empty
-    saved = x.new_empty(*seq, D, G + 1, H) if fused and save and cell in (Cell.LSTM, Cell.GRU) else empty
-    m, m_n = (x.new_empty(*seq, D * H), x.new_empty(D, B, H)) if fused and proj else (empty, empty)
+    c_n = x.new_empty(D, B, H) if cell == Cell.LSTM else x.new_empty(0)
+    saved = x.new_empty(*seq, D, G + 1, H) if fused and save and cell in (Cell.LSTM, Cell.GRU) else x.new_empty(0)
+    m, m_n = (x.new_empty(*seq, D * H), x.new_empty(D, B, H)) if fused and proj else (x.new_empty(0), x.new_empty(0))
     return out, h_n, c_n, saved, m, m_n
 
 
-def layer_bwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: Sequence[Optional[Tensor]],
+def layer_bwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: Sequence[Tensor],
               batch_sizes: Optional[Tensor], hidden: Tensor, saved: Tensor, hidden_n: Tensor,
-              d_out: Optional[Tensor], d_hn: Optional[Tensor], d_cn: Optional[Tensor], cell: int, proj: bool,
-              need_dx: bool) -> list[Tensor]:
+              d_out: Optional[Tensor], d_hn: Optional[Tensor], d_cn: Optional[Tensor], cell: int, has_bias: bool,
+              proj: bool, need_dx: bool) -> list[Tensor]:
     """Gradients of layer_fwd: [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr], the weights'
     with directions stacked (dw_ih [D*G*H, I], dw_hh [D, G*H, H_out], db_* [D*G*H], dw_hr
     [D, P, H]: one tensor each, so no two results alias), absent ones (no h0, no bias, no
@@ -380,7 +389,7 @@ def layer_bwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weight
     out (m with a projection), saved and m_n; d_out, d_hn, d_cn: the upstream gradients (any may
     be None)."""
     cell = Cell(cell)
-    groups = _layer_groups(weights, proj)
+    groups = _layer_groups(weights, has_bias, proj)
     with _no_autocast(x):
         grads = _backward(layer_backend(x.device), cell, x, h0, c0, groups, batch_sizes, hidden, saved, hidden_n,
                           d_out, d_hn, d_cn, proj, need_dx)
@@ -406,17 +415,19 @@ layer_bwd = torch.library.custom_op("rnn::layer_bwd", layer_bwd_impl, mutates_ar
 
 
 @layer_bwd.register_fake
-def _layer_bwd_fake(x, h0, c0, weights, batch_sizes, hidden, saved, hidden_n, d_out, d_hn, d_cn, cell, proj,
-                    need_dx):
-    groups = _layer_groups(weights, proj)
+def _layer_bwd_fake(x, h0, c0, weights, batch_sizes, hidden, saved, hidden_n, d_out, d_hn, d_cn, cell, has_bias,
+                    proj, need_dx):
+    groups = _layer_groups(weights, has_bias, proj)
     D = len(groups)
     w_ih, w_hh, b_ih, _, w_hr = groups[0]
-    empty = x.new_empty(0)
-    bias = x.new_empty(D * w_ih.shape[0]) if b_ih is not None else empty
-    return [x.new_empty(x.shape) if need_dx else empty, h0.new_empty(h0.shape) if h0 is not None else empty,
-            c0.new_empty(c0.shape) if c0 is not None else empty, x.new_empty(D * w_ih.shape[0], w_ih.shape[1]),
-            x.new_empty(D, *w_hh.shape), bias, bias.new_empty(bias.shape),
-            x.new_empty(D, *w_hr.shape) if w_hr is not None else empty]
+
+    def like(shape, present=True):  # a fresh tensor each: real results never alias
+        return x.new_empty(shape) if present else x.new_empty(0)
+
+    return [like(x.shape, need_dx), like(h0.shape if h0 is not None else 0, h0 is not None),
+            like(c0.shape if c0 is not None else 0, c0 is not None), like((D * w_ih.shape[0], w_ih.shape[1])),
+            like((D, *w_hh.shape)), like(D * w_ih.shape[0], b_ih is not None), like(D * w_ih.shape[0], b_ih is not None),
+            like((D, *w_hr.shape) if w_hr is not None else 0, w_hr is not None)]
 
 
 def _no_double_backward(ctx, *grads):
@@ -429,11 +440,11 @@ layer_bwd.register_autograd(_no_double_backward)
 
 # --- autograd, shared by both wirings ---------------------------------------------------------
 
-def _save(ctx, x, h0, c0, weights, batch_sizes, cell, proj, output, need_dx):
+def _save(ctx, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, output, need_dx):
     out, _, _, saved, m, m_n = output
     ctx.mark_non_differentiable(saved, m, m_n)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros made
-    ctx.cell, ctx.proj, ctx.need_dx = cell, proj, need_dx
+    ctx.cell, ctx.has_bias, ctx.proj, ctx.need_dx = cell, has_bias, proj, need_dx
     ctx.save_for_backward(x, h0, c0, batch_sizes, m if proj else out, saved, m_n, *weights)
 
 
@@ -441,35 +452,36 @@ def _backward_args(ctx, d_out, d_hn, d_cn):
     x, h0, c0, batch_sizes, hidden, saved, hidden_n, *weights = ctx.saved_tensors
     if ctx.cell != Cell.LSTM:
         d_cn = None  # c_n is a placeholder
-    return (x, h0, c0, weights, batch_sizes, hidden, saved, hidden_n, d_out, d_hn, d_cn, ctx.cell, ctx.proj,
-            ctx.need_dx)
+    return (x, h0, c0, weights, batch_sizes, hidden, saved, hidden_n, d_out, d_hn, d_cn, ctx.cell, ctx.has_bias,
+            ctx.proj,             ctx.need_dx)
 
 
-def _gradients(grads, weights, proj: bool):
-    """layer_bwd's list -> (dx, dh0, dc0, [a gradient per weight in ``weights``' order]), None for
-    the absent ones; each direction's weight gradients are views of the stacked ones."""
+def _gradients(grads, weights, has_bias: bool, proj: bool):
+    """layer_bwd's list -> (dx, dh0, dc0, [a gradient per tensor of ``weights``]), None for the
+    absent states; each direction's weight gradients are views of the stacked ones."""
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = (_none_if_empty(g) for g in grads)
-    groups = _layer_groups(weights, proj)
+    groups = _layer_groups(weights, has_bias, proj)
     rows = dw_hh.shape[1]
     dweights = []
     for d, group in enumerate(groups):
         part = slice(d * rows, (d + 1) * rows)
         dweights += [dw_ih[part], dw_hh[d]]
-        dweights += [db_ih[part], db_hh[part]] if group[2] is not None else [None, None]
+        if has_bias:
+            dweights += [db_ih[part], db_hh[part]]
         if proj:
             dweights.append(dw_hr[d])
     return dx, dh0, dc0, dweights
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, h0, c0, weights, batch_sizes, cell, proj, save = inputs
-    _save(ctx, x, h0, c0, weights, batch_sizes, cell, proj, output, x.requires_grad)
+    x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save = inputs
+    _save(ctx, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, output, x.requires_grad)
 
 
 def _op_backward(ctx, d_out, d_hn, d_cn, _d_saved, _d_m, _d_mn):
     args = _backward_args(ctx, d_out, d_hn, d_cn)
-    dx, dh0, dc0, dweights = _gradients(torch.ops.rnn.layer_bwd(*args), args[3], ctx.proj)
-    return dx, dh0, dc0, dweights, None, None, None, None
+    dx, dh0, dc0, dweights = _gradients(torch.ops.rnn.layer_bwd(*args), args[3], ctx.has_bias, ctx.proj)
+    return dx, dh0, dc0, dweights, None, None, None, None, None
 
 
 layer_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -529,16 +541,16 @@ class FusedLayer(_FusedFunction):
     ``path`` (a ForwardPath)."""
 
     @staticmethod
-    def forward(x, h0, c0, batch_sizes, cell, proj, save, path, *weights):
+    def forward(x, h0, c0, batch_sizes, cell, has_bias, proj, save, path, *weights):
         fwd = layer_fwd_impl if _direct(x) else torch.ops.rnn.layer_fwd
         with recording(path.launches):
-            return fwd(x, h0, c0, list(weights), batch_sizes, cell, proj, save)
+            return fwd(x, h0, c0, list(weights), batch_sizes, cell, has_bias, proj, save)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, h0, c0, batch_sizes, cell, proj, save, path, *weights = inputs
+        x, h0, c0, batch_sizes, cell, has_bias, proj, save, path, *weights = inputs
         if save:
-            _save(ctx, x, h0, c0, weights, batch_sizes, cell, proj, output, ctx.needs_input_grad[0])
+            _save(ctx, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, output, ctx.needs_input_grad[0])
             ctx.path = path
         else:
             ctx.mark_non_differentiable(*output[3:])
@@ -550,8 +562,8 @@ class FusedLayer(_FusedFunction):
         compute = functools.partial(_call_backward, ctx.path, rest[3:])
         grads = _FirstOrderBackward.apply(compute, x, h0, c0, batch_sizes, hidden, saved, hidden_n, *rest[:3],
                                           *weights)
-        dx, dh0, dc0, dweights = _gradients(grads, weights, ctx.proj)
-        return (dx, dh0, dc0, None, None, None, None, None, *dweights)
+        dx, dh0, dc0, dweights = _gradients(grads, weights, ctx.has_bias, ctx.proj)
+        return (dx, dh0, dc0, None, None, None, None, None, None, *dweights)
 
 
 def _call_backward(path, flags, x, h0, c0, batch_sizes, hidden, saved, hidden_n, d_out, d_hn, d_cn,
