@@ -49,7 +49,10 @@ class _FusedRNNBase:
             path = functional.choose_backend(input.data if isinstance(input, PackedSequence) else input)
             if path.backend == "native":
                 # CPU tensors without the interpreter: torch.nn's own implementation costs nothing
-                # to swap in, and is exactly torch.nn's (results, errors and dropout).
+                # to swap in, and is exactly torch.nn's (results, errors and dropout); only a
+                # malformed PackedSequence, which torch.nn would read past, is refused first.
+                if isinstance(input, PackedSequence):
+                    check_packed(*input)
                 output = super().forward(input, hx)
                 self.last_path = path
                 return output

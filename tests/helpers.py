@@ -52,8 +52,11 @@ BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "reference",
 
 
 def use_backend(backend: str, monkeypatch, *modules) -> str:
-    """Select ``backend`` (RNN_BACKEND) and move ``modules`` to its device; returns the device."""
-    monkeypatch.setenv("RNN_BACKEND", "triton" if backend == "cuda" else backend)
+    """Select ``backend`` (RNN_BACKEND; "native": torch.nn's CPU implementation, which CPU tensors
+    run without the interpreter) and move ``modules`` to its device; returns the device."""
+    if backend == "native":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("RNN_BACKEND", {"cuda": "triton", "native": "auto"}.get(backend, backend))
     device = "cuda" if backend == "cuda" else "cpu"
     for module in modules:
         module.to(device)

@@ -192,6 +192,7 @@ def _packs():
 MALFORMED = [pytest.param(case, b.values[0] if hasattr(b, "values") else b, marks=getattr(b, "marks", ()))
              for b in BACKENDS for case, pack in _packs().items()
              if getattr(b, "values", (b,))[0] != "cuda" or pack.sorted_indices is None]
+MALFORMED += [pytest.param(case, "native") for case in _packs()]  # torch.nn's CPU path: checked before it runs
 
 
 @pytest.mark.parametrize("case, backend", MALFORMED)
