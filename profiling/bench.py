@@ -2,10 +2,13 @@
 
     python -m profiling.bench [--suite NAME] [--out DIR] [--cells lstm,gru] [--dtypes bf16]
                               [--hidden 256,512] [--batch 1,8] [--seq 512] [--impls ours,cudnn]
+                              [--device cpu]
 
-Without --suite: ``quick`` on a machine with CUDA, ``cpu`` elsewhere. The ``cpu`` suite always runs
-on the CPU (ours on its CPU path against torch.nn on the CPU) and every row says device=cpu.
-The CSV schema is documented in profiling/report.py.
+Without --suite: ``quick`` on a machine with CUDA, ``cpu`` elsewhere. The ``cpu`` suite runs on
+the CPU (ours on its CPU path against torch.nn on the CPU) and every row says device=cpu; the
+other suites measure GPUs, or, with --device cpu, run their cases on the CPU the same way (e.g.
+``--suite overhead --device cpu``). The ``overhead`` suite adds host time and GPU launches per
+call. The CSV schema is documented in profiling/report.py.
 """
 import argparse
 import datetime
@@ -18,9 +21,9 @@ from pathlib import Path
 import torch
 
 from profiling import report
-from profiling.cases import SUITES, select
+from profiling.cases import HOST_SUITES, SUITE_IMPLS, SUITES, select
 from profiling.impls import BASELINE, REGISTRY
-from profiling.measure import peak_memory_mib, time_ms
+from profiling.measure import host_us, launches_per_call, peak_memory_mib, time_ms
 
 
 def _list(text, convert=str):
@@ -36,7 +39,9 @@ def parse_args(argv):
     p.add_argument("--hidden", type=lambda s: _list(s, int), help="hidden sizes (input size follows)")
     p.add_argument("--batch", type=lambda s: _list(s, int))
     p.add_argument("--seq", type=lambda s: _list(s, int), help="sequence lengths")
-    p.add_argument("--impls", type=_list, help=f"subset of {', '.join(REGISTRY)}")
+    p.add_argument("--impls", type=_list, help=f"subset of {', '.join(REGISTRY)} (default: the suite's; "
+                                               f"ours_compiled only where named)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cpu for the cpu suite, cuda for the others")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     return p.parse_args(argv)
@@ -60,15 +65,18 @@ def _rel_err(ours, ref) -> float:
     return ((ours - ref).norm() / ref.norm()).item()
 
 
-def measure_case(case, impls, device, meta, warmup_ms, rep_ms) -> list[dict]:
+def measure_case(case, impls, device, meta, warmup_ms, rep_ms, host=False) -> list[dict]:
+    """The rows of every implementation on one case; ``host``: also host_us and launches."""
     rows = []
+    unmeasured_host = ((math.nan,) * 3, math.nan) if host else None
     baseline_name = BASELINE[device.type]
     outputs = {}
     ordered = sorted(impls, key=lambda name: name != baseline_name)  # the baseline first: errors need it
     for name in ordered:
         impl = REGISTRY[name]
         if not impl.supports(case):
-            rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {}, status="unsupported")
+            rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {}, status="unsupported",
+                                       host=unmeasured_host)
             continue
         try:
             with _precision(case.dtype):
@@ -76,12 +84,18 @@ def measure_case(case, impls, device, meta, warmup_ms, rep_ms) -> list[dict]:
                 outputs[name] = runner.output()
                 times = time_ms(runner.step, device, warmup_ms, rep_ms)
                 memory = peak_memory_mib(runner, device)
+                if host:
+                    launches = launches_per_call(runner.step, device)
+                    host_values = (host_us(runner.step, device, rep_ms, launches), launches)
+                else:
+                    host_values = None
             ref = outputs.get(baseline_name)
             err = _rel_err(outputs[name], ref) if ref is not None else math.nan
-            rows += report.metric_rows(meta, case, name, times, memory, err, runner.details)
+            rows += report.metric_rows(meta, case, name, times, memory, err, runner.details, host=host_values)
         except Exception as exc:  # one failing implementation must not end the run
             status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-            rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {}, status=status)
+            rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {}, status=status,
+                                       host=unmeasured_host)
         finally:
             runner = None
             if device.type == "cuda":
@@ -93,18 +107,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cuda = torch.cuda.is_available()
     suite = args.suite or ("quick" if cuda else "cpu")
-    if suite != "cpu" and not cuda:
-        print(f"suite {suite!r} measures GPUs and this machine has no CUDA device; use --suite cpu", file=sys.stderr)
+    device = torch.device(args.device or ("cpu" if suite == "cpu" else "cuda"))
+    if device.type == "cuda" and not cuda:
+        print(f"suite {suite!r} measures GPUs and this machine has no CUDA device; use --suite cpu "
+              f"(or --device cpu to run its cases on the CPU)", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if suite != "cpu" else "cpu")
     cases = select(suite, args.cells, args.dtypes, args.hidden, args.batch, args.seq)
-    impls = [name for name in (args.impls or REGISTRY) if device.type in REGISTRY[name].devices]
     unknown = set(args.impls or ()) - set(REGISTRY)
     if unknown:
         print(f"unknown implementations {sorted(unknown)}; choose from {', '.join(REGISTRY)}", file=sys.stderr)
         return 2
+    defaults = SUITE_IMPLS.get(suite) or [name for name in REGISTRY if not REGISTRY[name].opt_in]
+    impls = [name for name in (args.impls or defaults) if device.type in REGISTRY[name].devices]
     if device.type == "cpu":
-        print("No GPU figures: the cpu suite times ours (its CPU path) against torch.nn on the CPU.")
+        print(f"No GPU figures: the {suite} suite times ours (its CPU path) against torch.nn on the CPU.")
     meta = report.run_metadata(device, suite)
     print(f"{len(cases)} cases x {len(impls)} implementations ({', '.join(impls)}) on {meta['device']}")
 
@@ -113,7 +129,7 @@ def main(argv=None) -> int:
         elapsed = time.time() - start
         left = f", ~{elapsed / (i - 1) * (len(cases) - i + 1):.0f}s left" if i > 1 else ""
         print(f"[{i}/{len(cases)}] {case.id} ({elapsed:.0f}s elapsed{left})", flush=True)
-        rows += measure_case(case, impls, device, meta, args.warmup_ms, args.rep_ms)
+        rows += measure_case(case, impls, device, meta, args.warmup_ms, args.rep_ms, host=suite in HOST_SUITES)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,8 @@ SUITES = {
                                                          passes=PASSES, layers=(2,), bidirectional=(True,))
                 for packed in (False, True)]
                + [Case("LSTM", 1024, 16, 1024, 1024, proj_size=256, dtype=dt) for dt in ("bf16", "fp16")]),
+    # Where host time dominates: one small layer, one or a few steps. Its rows add host_us and launches.
+    "overhead": _grid(("LSTM", "GRU"), ("bf16",), (1, 16), (1, 8), (128, 256)),
     # Without CUDA: our reference path against torch.nn on the CPU, at small sizes.
     "cpu": (_grid(("LSTM", "GRU", "RNN_TANH"), ("fp32",), (32,), (1, 8), (32, 64))
             + [Case("LSTM", 32, 8, 32, 64, num_layers=2, bidirectional=True, dtype="fp32", pass_="fwdbwd"),
@@ -130,6 +132,13 @@ SUITES = {
 }
 SUITES["all"] = list(dict.fromkeys(c for name in ("quick", "latency", "throughput", "stacked", "training", "packed")
                                    for c in SUITES[name]))
+
+# Suites whose rows also carry host_us and launches (profiling.measure): small shapes, where what a
+# call costs the host decides the time; elsewhere the extra measurements would only add run time.
+HOST_SUITES = ("overhead",)
+# Implementations a suite runs without --impls, where not every registry entry for the device;
+# the graph and compiled entries show how much of the host cost each removes.
+SUITE_IMPLS = {"overhead": ("ours", "ours_graph", "ours_compiled", "cudnn", "cudnn_graph", "torch_nn")}
 
 
 def select(suite: str, cells=None, dtypes=None, hidden=None, batch=None, seq=None) -> list[Case]:

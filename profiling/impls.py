@@ -4,6 +4,7 @@ Every entry builds, for a case, a ``Runner``: a zero-argument ``step`` that does
 the output of one pass for the error column. All entries of a case share the same weights (one
 torch.nn module seeded the same way) and inputs.
 """
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,18 +46,22 @@ def case_input(case: Case, device) -> torch.Tensor:
     return torch.randn(case.T, case.B, case.input_size, device=device, dtype=case.torch_dtype)
 
 
-def _runner_for(model, x, case: Case) -> Runner:
+def _runner_for(model, x, case: Case, forward=None) -> Runner:
     """Eager step of a module returning (output, state): no grad for fwd; for fwdbwd backward of
     the sum of the outputs. A packed case feeds a PackedSequence (packed inside the step, as a
-    user's loop would) and measures its data."""
+    user's loop would) and measures its data. ``forward`` maps the input to the output alone
+    (default: the model's first result), e.g. a compiled FirstOutput of the model."""
     lengths = case.lengths()
+    if forward is None:
+        def forward(inputs):
+            return model(inputs)[0]
     if case.pass_ == "fwdbwd":
         x = x.detach().requires_grad_(True)
 
     def run():
         if lengths is None:
-            return model(x)[0]
-        return model(pack_padded_sequence(x, lengths, enforce_sorted=False))[0].data
+            return forward(x)
+        return forward(pack_padded_sequence(x, lengths, enforce_sorted=False)).data
 
     if case.pass_ == "fwd":
         def step():
@@ -77,22 +82,75 @@ def _runner_for(model, x, case: Case) -> Runner:
     return Runner(step, output, prepare)
 
 
-def build_ours(case: Case, device) -> Runner:
-    model = rnn.from_torch(torch_module(case, device))
-    runner = _runner_for(model, case_input(case, device), case)
-    # One pass to learn which path and launches it takes (and to tune what a first use tunes).
-    if case.pass_ == "fwd":
-        runner.output()
-    else:
-        runner.step()
-    path = model.last_path
+class FirstOutput(torch.nn.Module):
+    """A module returning (output, state) reduced to its output: what ours_compiled compiles, so the
+    compiled callable returns what the other runners time."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)[0]
+
+
+def _describe_path(path) -> dict:
+    """The backend and each launch's kernel partition of an eager call's rnn.ForwardPath."""
     launches = [("fwd", l) for l in path.launches] + [("bwd", l) for l in reversed(path.backward_launches)]
-    runner.details = {
+    return {
         "backend": path.backend,
         "config": "; ".join(f"{kind} {'persistent' if l.persistent else 'stepwise'} {describe(l.config)} "
                             f"grid{list(l.grid)}" for kind, l in launches) or path.reason,
     }
+
+
+def _first_pass(runner: Runner, case: Case):
+    """One pass as the case runs it (fwd: the output; fwdbwd: a whole step)."""
+    if case.pass_ == "fwd":
+        runner.output()
+    else:
+        runner.step()
+
+
+def build_ours(case: Case, device) -> Runner:
+    model = rnn.from_torch(torch_module(case, device))
+    runner = _runner_for(model, case_input(case, device), case)
+    # One pass to learn which path and launches it takes (and to tune what a first use tunes).
+    _first_pass(runner, case)
+    runner.details = _describe_path(model.last_path)
     return runner
+
+
+def build_ours_graph(case: Case, device) -> Runner:
+    """ours captured once in a CUDA graph and replayed, as cudnn_graph does with torch.nn."""
+    return _graphed(build_ours(case, device))
+
+
+def build_ours_compiled(case: Case, device) -> Runner:
+    """ours inside rnn.compile (torch.compile's defaults: inductor). The first call traces,
+    compiles and, for shapes not yet in the autotune cache, tunes: its seconds go to
+    details["first_call_s"] (and the config column); the timed steps all come after it."""
+    torch._dynamo.reset()  # each case compiles afresh: no earlier case's graphs, no recompile limit reached
+    model = rnn.from_torch(torch_module(case, device))
+    x = case_input(case, device)
+    runner = _runner_for(model, x, case, forward=rnn.compile(FirstOutput(model)))
+    _sync(device)
+    start = time.perf_counter()
+    runner.step()
+    _sync(device)
+    first_call_s = time.perf_counter() - start
+    # Compiled calls leave no last_path: an eager pass of the same module names the kernels its ops run.
+    _first_pass(_runner_for(model, x, case), case)
+    details = _describe_path(model.last_path)
+    model.zero_grad(set_to_none=True)
+    runner.details = dict(details, first_call_s=first_call_s,
+                          config=f"compiled, first call {first_call_s:.2f} s; {details['config']}")
+    return runner
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def build_torch_nn(case: Case, device) -> Runner:
@@ -142,11 +200,9 @@ def build_torch_loop(case: Case, device) -> Runner:
     return _runner_for(CellLoop(module, case.cell), case_input(case, device), case)
 
 
-def build_cudnn_graph(case: Case, device) -> Runner:
-    """torch.nn captured once in a CUDA graph and replayed: what a careful user does to remove
+def _graphed(eager: Runner) -> Runner:
+    """eager's step captured once in a CUDA graph and replayed: what a careful user does to remove
     launch overhead. Its memory is the graph's pool, measured while capturing."""
-    model = torch_module(case, device)
-    eager = _runner_for(model, case_input(case, device), case)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture, as torch's graph docs require
@@ -162,7 +218,12 @@ def build_cudnn_graph(case: Case, device) -> Runner:
         eager.step()
     torch.cuda.synchronize()
     memory = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    return Runner(graph.replay, eager.output, memory_at_build=memory)
+    return Runner(graph.replay, eager.output, details=eager.details, memory_at_build=memory)
+
+
+def build_cudnn_graph(case: Case, device) -> Runner:
+    """torch.nn captured once in a CUDA graph and replayed."""
+    return _graphed(_runner_for(torch_module(case, device), case_input(case, device), case))
 
 
 @dataclass(frozen=True)
@@ -171,10 +232,17 @@ class Impl:
     description: str
     devices: tuple  # device types it runs on
     supports: Callable[[Case], bool] = lambda case: True
+    opt_in: bool = False  # runs only where --impls or the suite (cases.SUITE_IMPLS) names it
 
 
 REGISTRY = {
     "ours": Impl(build_ours, "rnn.RNN/LSTM/GRU (fused Triton kernels on CUDA)", ("cuda", "cpu")),
+    "ours_graph": Impl(build_ours_graph, "ours captured in a CUDA graph", ("cuda",),
+                       supports=lambda case: not case.packed),
+    # Compiling takes seconds per case (about a minute for a packed case on a CPU): only the
+    # suites that are about it (overhead) or an explicit --impls run it.
+    "ours_compiled": Impl(build_ours_compiled, "ours under rnn.compile (torch.compile, inductor)", ("cuda", "cpu"),
+                          opt_in=True),
     "cudnn": Impl(build_torch_nn, "torch.nn eager (cuDNN)", ("cuda",)),
     "cudnn_graph": Impl(build_cudnn_graph, "torch.nn captured in a CUDA graph", ("cuda",),
                         supports=lambda case: not case.packed),

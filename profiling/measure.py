@@ -1,4 +1,4 @@
-"""Timing and peak memory of one runner."""
+"""Timing, host cost, GPU launches and peak memory of one runner."""
 import math
 import statistics
 import time
@@ -28,6 +28,63 @@ def time_ms(step, device: torch.device, warmup_ms: float = 25, rep_ms: float = 1
         step()
         samples.append((time.perf_counter() - start) * 1e3)
     return tuple(_quantile(samples, q) for q in QUANTILES)
+
+
+QUEUED_LAUNCHES = 256  # well under the ~1000 pending launches after which CUDA makes the host wait
+
+
+def host_us(step, device: torch.device, rep_ms: float = 100, launches: float = math.nan) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) of the host microseconds one call takes, from the call to
+    its return, over batches of back-to-back calls.
+
+    The clock stops when a batch's last call returns; the GPU is synchronised only before each
+    batch and, untimed, after it. A batch launches at most QUEUED_LAUNCHES kernels (given
+    ``launches`` per call), so the launch queue never fills and the host never waits for the GPU:
+    this is what a call costs the host, however fast the GPU. On the CPU it is the whole call.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    step()
+    estimate = max(time.perf_counter() - start, 1e-7)
+    sync()
+    most = 100 if math.isnan(launches) else max(1, int(QUEUED_LAUNCHES / max(launches, 1)))
+    calls = max(1, min(most, int(2e-3 / estimate)))  # batches of about 2 ms
+    samples = []
+    for _ in range(max(5, int(rep_ms * 1e-3 / (calls * estimate)))):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    sync()
+    return tuple(_quantile(samples, q) for q in QUANTILES)
+
+
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # kineto's activity types of what the GPU runs
+
+
+def launches_per_call(step, device: torch.device, calls: int = 3) -> float:
+    """Kernels, memsets and memcpys the GPU runs per call, as torch.profiler (CUPTI) records them
+    over a few calls. A replayed CUDA graph counts each kernel inside it. NaN on the CPU."""
+    if device.type != "cuda":
+        return math.nan
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()  # inside: every kernel of the calls must be recorded
+    return sum(is_gpu_work(event) for event in prof.events()) / calls
+
+
+def is_gpu_work(event) -> bool:
+    """Whether a torch.profiler event is a kernel, memcpy or memset on the GPU."""
+    kind = getattr(event, "activity_type", None)
+    if kind:  # torch versions that keep kineto's activity type
+        return kind in GPU_WORK
+    # Older ones: GPU events less the GPU side of record_function ranges (e.g. compiled regions).
+    return event.device_type == torch.autograd.DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
 
 
 def _quantile(samples, q):

@@ -10,13 +10,20 @@ CSV (long format, one row per case x implementation x metric), columns in this o
 | torch_version, triton_version, cudnn_version | versions that ran (cudnn empty without CUDA) |
 | suite | the named suite |
 | case_id | e.g. ``LSTM-T512-B16-I512-H512-bf16-fwd`` |
-| impl | ours, cudnn, cudnn_graph, torch_nn (CPU only), torch_loop |
+| impl | ours, ours_graph, ours_compiled, cudnn, cudnn_graph, torch_nn (CPU only), torch_loop |
 | cell, T, B, input_size, hidden_size, num_layers, bidirectional, proj_size, dtype, pass, packed | the case (packed: lengths uniform in [T/4, T]) |
-| metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err (see METRICS) |
+| metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err; in the overhead suite also host_us, launches (see METRICS) |
 | unit | the metric's unit |
-| median, p20, p80 | the value: median and 20th/80th percentiles over timed repeats (memory and error: one value in median) |
-| backend, config | for ours: which path ran and each layer's kernel partition (forward; backward too in fwdbwd cases) |
+| median, p20, p80 | the value: median and 20th/80th percentiles over timed repeats (memory, error, launches: one value in median) |
+| backend, config | for ours (and ours_graph, ours_compiled): which path ran and each layer's kernel partition (forward; backward too in fwdbwd cases); ours_compiled's config starts with its first call's seconds (trace, compile, tuning) |
 | status | ``ok``, or why the row has no value |
+
+host_us: host microseconds from a call to its return, timed over batches of back-to-back calls
+with the GPU synchronised only between batches, each batch short enough that the host never waits
+for the GPU (profiling.measure.host_us); on the CPU the whole call. launches: kernels, memsets and
+memcpys the GPU runs per call, counted by torch.profiler (CUPTI; a replayed CUDA graph counts the
+kernels inside it); NaN on the CPU, with status ok. Only the suites in profiling.cases.HOST_SUITES
+(overhead) write these two metrics.
 """
 import datetime
 import math
@@ -35,7 +42,10 @@ METRICS = {
     "tflops": "TFLOP/s",  # profiling.cases.matmul_flops over the median time
     "peak_mem_mib": "MiB",  # above model and inputs; the pass column says inference (fwd) or training
     "rel_err": "1",  # ||output - baseline output|| / ||baseline output|| on the same inputs
+    "host_us": "us",  # host time per call, call to return (HOST_SUITES only)
+    "launches": "1/call",  # GPU kernels + memsets + memcpys per call; NaN on the CPU (HOST_SUITES only)
 }
+HOST_METRICS = ("host_us", "launches")
 CASE_COLUMNS = ["cell", "T", "B", "input_size", "hidden_size", "num_layers", "bidirectional", "proj_size",
                 "dtype", "pass", "packed"]
 SCHEMA = (["timestamp", "git_commit", "device", "torch_version", "triton_version", "cudnn_version", "suite",
@@ -63,8 +73,10 @@ def run_metadata(device: torch.device, suite: str) -> dict:
 
 
 def metric_rows(meta: dict, case: Case, impl: str, times, memory: float, rel_err: float, details: dict,
-                status: str = "ok") -> list[dict]:
-    """The rows of one (case, implementation); ``times`` is (median, p20, p80) in ms or None."""
+                status: str = "ok", host=None) -> list[dict]:
+    """The rows of one (case, implementation); ``times`` is (median, p20, p80) in ms or None.
+    ``host``, only in suites that measure it: ((median, p20, p80) host us per call, launches per
+    call), NaN where not measured; the rows then include HOST_METRICS."""
     base = dict(meta, case_id=case.id, impl=impl, **case.columns(), backend=details.get("backend", ""),
                 config=details.get("config", ""), status=status)
     nan3 = (math.nan, math.nan, math.nan)
@@ -79,6 +91,10 @@ def metric_rows(meta: dict, case: Case, impl: str, times, memory: float, rel_err
         "peak_mem_mib": (memory, math.nan, math.nan),
         "rel_err": (rel_err, math.nan, math.nan),
     }
+    if host is not None:
+        host_us, launches = host
+        values["host_us"] = tuple(host_us)
+        values["launches"] = (launches, math.nan, math.nan)
     return [dict(base, metric=m, unit=METRICS[m], median=v[0], p20=v[1], p80=v[2]) for m, v in values.items()]
 
 
@@ -88,7 +104,8 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 
 def summary(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Per case: us per step of each implementation, ours' speed-up over the baseline (and over
-    cudnn_graph where measured), ours' memory over the baseline's, and ours' error."""
+    cudnn_graph where measured), ours' memory over the baseline's, and ours' error; where the
+    suite measures them, each implementation's host us and launches per call."""
     ok = frame[frame.status == "ok"]
     steps = ok[ok.metric == "us_per_step"].pivot_table(index="case_id", columns="impl", values="median", sort=False)
     memory = ok[ok.metric == "peak_mem_mib"].pivot_table(index="case_id", columns="impl", values="median",
@@ -105,6 +122,10 @@ def summary(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
         table[f"memory vs {baseline}"] = memory["ours"] / memory[baseline]
     if "ours" in errors:
         table["ours rel_err"] = errors["ours"]
+    for metric, label in (("host_us", "host us"), ("launches", "launches")):
+        per_impl = ok[ok.metric == metric].pivot_table(index="case_id", columns="impl", values="median", sort=False)
+        for impl in per_impl.columns:
+            table[f"{impl} {label}"] = per_impl[impl]
     return table.dropna(axis=1, how="all")  # e.g. memory on the CPU, which keeps no statistics
 
 

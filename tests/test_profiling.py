@@ -1,4 +1,5 @@
-"""profiling/: the FLOP formula, the suites, the CSV schema and the cpu suite end to end."""
+"""profiling/: the FLOP formula, the suites, the CSV schema, the cpu suite end to end, the overhead
+suite's host metrics and the graph and compiled entries."""
 import math
 
 import pandas as pd
@@ -6,8 +7,9 @@ import pytest
 import torch
 
 from profiling import bench, report
-from profiling.cases import SUITES, Case, matmul_flops, select
-from profiling.impls import REGISTRY, CellLoop, torch_module
+from profiling.cases import HOST_SUITES, SUITE_IMPLS, SUITES, Case, matmul_flops, select
+from profiling.impls import BASELINE, REGISTRY, CellLoop, torch_module
+from profiling.measure import is_gpu_work
 
 
 def test_flops_single_layer_lstm():
@@ -83,7 +85,12 @@ def test_metric_rows_follow_the_schema():
     rows = report.metric_rows(meta, case, "ours", (2.0, 1.0, 3.0), math.nan, 1e-7, {"backend": "reference"})
     frame = report.to_frame(rows)
     assert list(frame.columns) == report.SCHEMA
-    assert set(frame.metric) == set(report.METRICS)
+    assert set(frame.metric) == set(report.METRICS) - set(report.HOST_METRICS)  # only host suites write them
+    with_host = report.to_frame(report.metric_rows(meta, case, "ours", (2.0, 1.0, 3.0), math.nan, 1e-7, {},
+                                                   host=((40.0, 30.0, 50.0), 3.0))).set_index("metric")
+    assert set(with_host.index) == set(report.METRICS)
+    assert tuple(with_host.loc["host_us", ["median", "p20", "p80"]]) == (40.0, 30.0, 50.0)
+    assert with_host.loc["launches", "median"] == 3.0 and with_host.loc["launches", "unit"] == "1/call"
     by_metric = frame.set_index("metric")
     assert by_metric.loc["us_per_step", "median"] == pytest.approx(2.0 * 1e3 / 4)
     assert by_metric.loc["tokens_per_s", "p20"] == pytest.approx(4 * 2 / 3e-3)  # slow end of the rates
@@ -99,7 +106,9 @@ def test_cpu_suite_end_to_end(tmp_path, capsys):
     frame = pd.read_csv(csvs[0])
     assert list(frame.columns) == report.SCHEMA
     assert set(frame.device) == {"cpu"}
-    assert set(frame.impl) == {name for name, impl in REGISTRY.items() if "cpu" in impl.devices}
+    assert set(frame.impl) == {name for name, impl in REGISTRY.items() if "cpu" in impl.devices
+                               and not impl.opt_in}
+    assert not set(frame.metric) & set(report.HOST_METRICS)
     assert set(frame.status) <= {"ok", "unsupported"}
     assert set(frame[frame.status == "unsupported"].impl) <= {"torch_loop"}  # no packed cell loop
     assert set(frame.cell) == {"LSTM", "GRU"} and set(frame.hidden_size) == {8} and set(frame["T"]) == {4}
@@ -109,7 +118,7 @@ def test_cpu_suite_end_to_end(tmp_path, capsys):
     errors = frame[(frame.metric == "rel_err") & (frame.impl == "ours")]
     assert (errors["median"] < 1e-5).all()
     ours = frame[frame.impl == "ours"]
-    assert set(ours.backend) <= {"reference", "triton"} and ours.backend.notna().all()
+    assert set(ours.backend) <= {"reference", "triton", "native"} and ours.backend.notna().all()
     out = capsys.readouterr().out
     assert "No GPU figures" in out and "speedup vs torch_nn" in out
 
@@ -130,3 +139,70 @@ def test_plots(tmp_path):
             case_rows += report.metric_rows(meta, case, impl, (ms * B, ms, ms * 2), math.nan, 0.0, {})
     written = report.plots(report.to_frame(case_rows), tmp_path, "t")
     assert len(written) == 1 and written[0].stat().st_size > 1000
+
+
+def test_registry_has_the_graph_and_compiled_entries():
+    assert REGISTRY["ours_graph"].devices == ("cuda",) == REGISTRY["cudnn_graph"].devices
+    assert REGISTRY["ours_compiled"].devices == ("cuda", "cpu")
+    assert REGISTRY["ours_compiled"].opt_in  # default runs skip its compiles; the overhead suite names it
+    packed = Case("LSTM", 4, 2, 3, 5, packed=True)
+    assert not REGISTRY["ours_graph"].supports(packed) and REGISTRY["ours_graph"].supports(Case("LSTM", 4, 2, 3, 5))
+
+
+def test_overhead_suite():
+    cases = SUITES["overhead"]
+    assert len(cases) == 16
+    assert {(c.cell, c.T, c.B, c.hidden_size) for c in cases} == {
+        (cell, T, B, H) for cell in ("LSTM", "GRU") for T in (1, 16) for B in (1, 8) for H in (128, 256)}
+    assert all(c.input_size == c.hidden_size and c.dtype == "bf16" and c.pass_ == "fwd" and c.num_layers == 1
+               and not c.bidirectional and not c.packed and not c.proj_size for c in cases)
+    assert "overhead" in HOST_SUITES and not set(HOST_SUITES) & {"quick", "cpu", "all"}
+    assert {"ours", "cudnn", "ours_graph", "cudnn_graph", BASELINE["cpu"]} <= set(SUITE_IMPLS["overhead"])
+    assert set(SUITE_IMPLS["overhead"]) <= set(REGISTRY)
+
+
+def test_overhead_suite_on_the_cpu_writes_host_metrics(tmp_path, capsys):
+    code = bench.main(["--suite", "overhead", "--device", "cpu", "--out", str(tmp_path), "--cells", "lstm",
+                       "--hidden", "8", "--batch", "2", "--seq", "2", "--impls", "ours,torch_nn",
+                       "--rep-ms", "1", "--warmup-ms", "1"])
+    assert code == 0
+    (csv,) = tmp_path.glob("bench-overhead-*.csv")
+    frame = pd.read_csv(csv)
+    assert list(frame.columns) == report.SCHEMA and set(frame.device) == {"cpu"}
+    assert set(frame.status) == {"ok"} and set(frame.impl) == {"ours", "torch_nn"}
+    for impl in ("ours", "torch_nn"):
+        rows = frame[frame.impl == impl].set_index("metric")
+        assert set(rows.index) == set(report.METRICS)
+        assert rows.loc["host_us", "unit"] == "us" and 0 < rows.loc["host_us", "median"] < math.inf
+        assert rows.loc["host_us", "p20"] <= rows.loc["host_us", "p80"]
+        assert math.isnan(rows.loc["launches", "median"])  # no GPU, nothing launched
+    assert "host us" in csv.with_suffix(".md").read_text() and "No GPU figures" in capsys.readouterr().out
+
+
+def test_gpu_work_events():
+    # torch.profiler events as launches_per_call sees them: kineto's activity type where recorded,
+    # else the device type less the GPU side of record_function ranges.
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(kind, device=cuda, annotation=False):
+        return type("Event", (), dict(activity_type=kind, device_type=device, is_user_annotation=annotation))()
+
+    assert [is_gpu_work(event(k)) for k in ("kernel", "gpu_memcpy", "gpu_memset", "gpu_user_annotation",
+                                            "cuda_runtime")] == [True, True, True, False, False]
+    assert is_gpu_work(event(None)) and not is_gpu_work(event(None, annotation=True))
+    assert not is_gpu_work(event(None, device=cpu)) and not is_gpu_work(event("cpu_op", device=cpu))
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwdbwd"])
+def test_ours_compiled_runs_on_the_cpu(pass_, tmp_path, monkeypatch):
+    # A fresh inductor cache: its entries do not record whether the Triton interpreter (these tests)
+    # or torch.nn's native path (a plain CPU run) traced them, and the two trace different graphs.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    case = Case("GRU", T=3, B=2, input_size=4, hidden_size=8, dtype="fp32", pass_=pass_)
+    runner = REGISTRY["ours_compiled"].build(case, torch.device("cpu"))
+    assert runner.details["first_call_s"] > 0 and runner.details["config"].startswith("compiled, first call")
+    expected = REGISTRY["torch_nn"].build(case, torch.device("cpu")).output()
+    out = runner.output()
+    assert out.shape == expected.shape
+    assert ((out - expected).norm() / expected.norm()).item() < 1e-5
+    runner.step()  # a timed step after the first call
