@@ -11,7 +11,7 @@ from kernels import env
 from kernels.cells import Cell
 from kernels.forward import SUPPORTED_DTYPES, LaunchInfo
 from rnn import reference
-from rnn.ops import FusedLayer, group_weights
+from rnn.ops import FusedLayer, group_weights, layer_backend
 
 
 @dataclass
@@ -29,12 +29,11 @@ def choose_backend(x: torch.Tensor) -> ForwardPath:
     """RNN_BACKEND=auto runs the kernels on CUDA tensors and on CPU tensors under the Triton
     interpreter, and torch.nn's own implementation ("native") on other CPU tensors; =triton
     insists on the kernels (an error where they cannot run); =reference runs the pure-PyTorch loop."""
-    choice = env.backend()
-    if choice == "reference":
+    backend = layer_backend(x.device)
+    if backend == "reference":
         return ForwardPath("reference", reason="RNN_BACKEND=reference")
-    runnable = x.is_cuda or env.interpreting()
-    if not runnable:
-        if choice == "triton":
+    if backend == "native":
+        if env.backend() == "triton":
             raise RuntimeError(f"RNN_BACKEND=triton needs a CUDA tensor or TRITON_INTERPRET=1, "
                                f"got a tensor on {x.device}")
         return ForwardPath("native", reason=f"no Triton backend for {x.device} tensors: torch.nn's own "
@@ -78,7 +77,7 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
             save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *states, *flat))
             if compiling:  # the op's registered autograd: one graph node (see rnn/ops.py)
                 x, h_n, c_n, *_ = torch.ops.rnn.layer_fwd(x, *states, flat, batch_sizes, int(cell), has_bias,
-                                                          proj_size > 0, save)
+                                                          proj_size > 0, save, path.backend)
             else:
                 x, h_n, c_n, *_ = FusedLayer.apply(x, *states, batch_sizes, int(cell), has_bias, proj_size > 0, save,
                                                    path, *flat)

@@ -2,9 +2,11 @@
 
 Both are ``torch.library`` custom ops. On CUDA they run the fused Triton kernels; on the CPU the
 same kernels through the interpreter when TRITON_INTERPRET=1, the reference loop when
-RNN_BACKEND=reference, else torch's own native RNN (see ``layer_backend``). Their fake
-implementations give output shapes only, so torch.compile, AOTAutograd and export trace a layer as
-one node for any sequence length.
+RNN_BACKEND=reference, else torch's own native RNN (``layer_backend``). The caller passes that
+choice as the ``backend`` argument, so it is part of a traced graph (and of the keys of torch's
+compile caches) and output shapes depend on the arguments only. The fake implementations give
+shapes only, so torch.compile, AOTAutograd and export trace a layer as one node for any sequence
+length.
 
 One autograd formula, two wirings (torch 2.13):
 - ``register_autograd`` on ``layer_fwd``: what Dynamo, AOTAutograd and CUDA-graph trees see when a
@@ -30,13 +32,17 @@ from rnn import reference
 
 # --- which implementation runs the ops -------------------------------------------------------
 
+LAYER_BACKENDS = ("triton", "native", "reference")
+
+
 def layer_backend(device: torch.device) -> str:
-    """``triton`` on CUDA and under the interpreter; on the CPU otherwise ``reference`` with
-    RNN_BACKEND=reference, else ``native`` (torch.nn's own CPU implementation)."""
-    if device.type == "cuda":
-        return "triton"
+    """Which implementation a layer on ``device`` runs: ``reference`` with RNN_BACKEND=reference
+    (rnn.functional runs it as a pure-PyTorch loop, not through the ops), else ``triton`` on CUDA
+    and under the interpreter, else ``native`` (torch.nn's own CPU implementation)."""
     if env.backend() == "reference":
         return "reference"
+    if device.type == "cuda":
+        return "triton"
     return "triton" if env.interpreting() else "native"
 
 
@@ -101,8 +107,7 @@ def stack_weights(cell: Cell, weights):
         b_hh = torch.stack([w[3] for w in weights])
     if cell == Cell.GRU:
         H = w_hh.shape[2]
-        bias = b_ih.clone()
-        bias[:, :2 * H] += b_hh[:, :2 * H]
+        bias = torch.cat([b_ih[:, :2 * H] + b_hh[:, :2 * H], b_ih[:, 2 * H:]], dim=1)
         return w_ih, w_hh, bias.reshape(-1), b_hh[:, 2 * H:]
     return w_ih, w_hh, (b_ih + b_hh).reshape(-1), None
 
@@ -310,11 +315,12 @@ def _layer_groups(weights, has_bias: bool, proj: bool):
 
 
 def layer_fwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: Sequence[Tensor],
-              batch_sizes: Optional[Tensor], cell: int, has_bias: bool, proj: bool, save: bool
+              batch_sizes: Optional[Tensor], cell: int, has_bias: bool, proj: bool, save: bool, backend: str
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer, every direction, time-major ([T, B, I] in any strides, or packed data [N, I]
     with its batch_sizes). weights: per direction w_ih, w_hh, b_ih, b_hh (absent biases None),
-    and w_hr when ``proj``. save: keep what the fused backward needs.
+    and w_hr when ``proj``. save: keep what the fused backward needs. backend: one of
+    LAYER_BACKENDS (``layer_backend``'s choice for the device).
 
     Returns (out, h_n, c_n, saved, m, m_n); c_n only for LSTM, saved (the gate activations) only
     on the fused path when saving, m and m_n (the unprojected hidden states) only on the fused
@@ -324,10 +330,15 @@ def layer_fwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weight
     groups = _layer_groups(weights, has_bias, proj)
     if batch_sizes is not None:
         check_batch_sizes(batch_sizes, x.shape[0])
-    backend = layer_backend(x.device)
+    _check_backend(backend)
     with _no_autocast(x):
         out, h_n, c_n, saved, m, m_n = _forward(backend, cell, x, h0, c0, groups, batch_sizes, proj, save)
     return tuple(t if t is not None else x.new_empty(0) for t in (out, h_n, c_n, saved, m, m_n))
+
+
+def _check_backend(backend: str):
+    if backend not in LAYER_BACKENDS:
+        raise ValueError(f"rnn::layer ops: backend must be one of {LAYER_BACKENDS}, got {backend!r}")
 
 
 def _no_autocast(x):
@@ -355,7 +366,7 @@ layer_fwd = torch.library.custom_op("rnn::layer_fwd", layer_fwd_impl, mutates_ar
 
 
 @layer_fwd.register_fake
-def _layer_fwd_fake(x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save):
+def _layer_fwd_fake(x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save, backend):
     cell = Cell(cell)
     groups = _layer_groups(weights, has_bias, proj)
     D, G = len(groups), cell.gates
@@ -369,7 +380,7 @@ def _layer_fwd_fake(x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save)
         # The batch is batch_sizes[0], a value: known from a given state, else data-dependent.
         B = h0.shape[1] if h0 is not None else c0.shape[1] if c0 is not None \
             else torch.library.get_ctx().new_dynamic_size()
-    fused = layer_backend(x.device) == "triton"
+    fused = backend == "triton"
     out = x.new_empty(*seq, D * H_out)
     h_n = x.new_empty(D, B, H_out)
     c_n = x.new_empty(D, B, H) if cell == Cell.LSTM else x.new_empty(0)
@@ -381,7 +392,7 @@ def _layer_fwd_fake(x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save)
 def layer_bwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: Sequence[Tensor],
               batch_sizes: Optional[Tensor], hidden: Tensor, saved: Tensor, hidden_n: Tensor,
               d_out: Optional[Tensor], d_hn: Optional[Tensor], d_cn: Optional[Tensor], cell: int, has_bias: bool,
-              proj: bool, need_dx: bool) -> list[Tensor]:
+              proj: bool, need_dx: bool, backend: str) -> list[Tensor]:
     """Gradients of layer_fwd: [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr], the weights'
     with directions stacked (dw_ih [D*G*H, I], dw_hh [D, G*H, H_out], db_* [D*G*H], dw_hr
     [D, P, H]: one tensor each, so no two results alias), absent ones (no h0, no bias, no
@@ -390,8 +401,9 @@ def layer_bwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weight
     be None)."""
     cell = Cell(cell)
     groups = _layer_groups(weights, has_bias, proj)
+    _check_backend(backend)
     with _no_autocast(x):
-        grads = _backward(layer_backend(x.device), cell, x, h0, c0, groups, batch_sizes, hidden, saved, hidden_n,
+        grads = _backward(backend, cell, x, h0, c0, groups, batch_sizes, hidden, saved, hidden_n,
                           d_out, d_hn, d_cn, proj, need_dx)
     return [t.contiguous() if t is not None else x.new_empty(0) for t in grads]
 
@@ -416,7 +428,7 @@ layer_bwd = torch.library.custom_op("rnn::layer_bwd", layer_bwd_impl, mutates_ar
 
 @layer_bwd.register_fake
 def _layer_bwd_fake(x, h0, c0, weights, batch_sizes, hidden, saved, hidden_n, d_out, d_hn, d_cn, cell, has_bias,
-                    proj, need_dx):
+                    proj, need_dx, backend):
     groups = _layer_groups(weights, has_bias, proj)
     D = len(groups)
     w_ih, w_hh, b_ih, _, w_hr = groups[0]
@@ -440,11 +452,11 @@ layer_bwd.register_autograd(_no_double_backward)
 
 # --- autograd, shared by both wirings ---------------------------------------------------------
 
-def _save(ctx, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, output, need_dx):
+def _save(ctx, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, backend, output, need_dx):
     out, _, _, saved, m, m_n = output
     ctx.mark_non_differentiable(saved, m, m_n)
     ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros made
-    ctx.cell, ctx.has_bias, ctx.proj, ctx.need_dx = cell, has_bias, proj, need_dx
+    ctx.cell, ctx.has_bias, ctx.proj, ctx.backend, ctx.need_dx = cell, has_bias, proj, backend, need_dx
     ctx.save_for_backward(x, h0, c0, batch_sizes, m if proj else out, saved, m_n, *weights)
 
 
@@ -453,7 +465,7 @@ def _backward_args(ctx, d_out, d_hn, d_cn):
     if ctx.cell != Cell.LSTM:
         d_cn = None  # c_n is a placeholder
     return (x, h0, c0, weights, batch_sizes, hidden, saved, hidden_n, d_out, d_hn, d_cn, ctx.cell, ctx.has_bias,
-            ctx.proj,             ctx.need_dx)
+            ctx.proj, ctx.need_dx, ctx.backend)
 
 
 def _gradients(grads, weights, has_bias: bool, proj: bool):
@@ -474,14 +486,14 @@ def _gradients(grads, weights, has_bias: bool, proj: bool):
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save = inputs
-    _save(ctx, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, output, x.requires_grad)
+    x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save, backend = inputs
+    _save(ctx, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, backend, output, x.requires_grad)
 
 
 def _op_backward(ctx, d_out, d_hn, d_cn, _d_saved, _d_m, _d_mn):
     args = _backward_args(ctx, d_out, d_hn, d_cn)
     dx, dh0, dc0, dweights = _gradients(torch.ops.rnn.layer_bwd(*args), args[3], ctx.has_bias, ctx.proj)
-    return dx, dh0, dc0, dweights, None, None, None, None, None
+    return dx, dh0, dc0, dweights, None, None, None, None, None, None
 
 
 layer_fwd.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -544,13 +556,14 @@ class FusedLayer(_FusedFunction):
     def forward(x, h0, c0, batch_sizes, cell, has_bias, proj, save, path, *weights):
         fwd = layer_fwd_impl if _direct(x) else torch.ops.rnn.layer_fwd
         with recording(path.launches):
-            return fwd(x, h0, c0, list(weights), batch_sizes, cell, has_bias, proj, save)
+            return fwd(x, h0, c0, list(weights), batch_sizes, cell, has_bias, proj, save, path.backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, h0, c0, batch_sizes, cell, has_bias, proj, save, path, *weights = inputs
         if save:
-            _save(ctx, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, output, ctx.needs_input_grad[0])
+            _save(ctx, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, path.backend, output,
+                  ctx.needs_input_grad[0])
             ctx.path = path
         else:
             ctx.mark_non_differentiable(*output[3:])

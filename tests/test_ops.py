@@ -29,7 +29,7 @@ def _case_id(case):
                      "proj" if proj else "", "packed" if packed else "padded"]).replace("--", "-").replace("--", "-")
 
 
-def _op_args(cell, D, bias, h0, c0, proj, packed, requires_grad=True):
+def _op_args(cell, D, bias, h0, c0, proj, packed, requires_grad=True, backend="triton"):
     torch.manual_seed(0)
     G, P = cell.gates, 2 if proj else H
     grad = dict(dtype=torch.float64, requires_grad=requires_grad)
@@ -42,41 +42,43 @@ def _op_args(cell, D, bias, h0, c0, proj, packed, requires_grad=True):
     x = torch.randn(int(BATCH_SIZES.sum()), I, **grad) if packed else torch.randn(T, B, I, **grad)
     states = (torch.randn(D, B, P, **grad) if h0 else None,
               torch.randn(D, B, H, **grad) if c0 and cell == Cell.LSTM else None)
-    return (x, *states, weights, BATCH_SIZES if packed else None, int(cell), bias, proj, requires_grad)
+    return (x, *states, weights, BATCH_SIZES if packed else None, int(cell), bias, proj, requires_grad, backend)
 
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.interpreter), "native", "reference"]
 
 
-def _select(backend, monkeypatch):
-    if backend == "reference":
-        monkeypatch.setenv("RNN_BACKEND", "reference")
-    elif backend == "native":
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_layer_backend_follows_the_environment(monkeypatch):
+    """What the callers pass as ``backend`` on the CPU: the kernels under the interpreter, the
+    reference loop with RNN_BACKEND=reference, else torch's native RNN."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.layer_backend(cpu) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ops.layer_backend(cpu) == "native"
+    monkeypatch.setenv("RNN_BACKEND", "reference")
+    assert ops.layer_backend(cpu) == "reference"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_opcheck_layer_fwd(case, backend, monkeypatch):
-    _select(backend, monkeypatch)
-    assert ops.layer_backend(torch.device("cpu")) == backend
-    torch.library.opcheck(torch.ops.rnn.layer_fwd.default, _op_args(*case))
+def test_opcheck_layer_fwd(case, backend):
+    torch.library.opcheck(torch.ops.rnn.layer_fwd.default, _op_args(*case, backend=backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES[:5], ids=_case_id)
-def test_opcheck_layer_bwd(case, backend, monkeypatch):
+def test_opcheck_layer_bwd(case, backend):
     """layer_bwd on a real forward's results, with every upstream gradient and with some absent."""
-    _select(backend, monkeypatch)
-    args = _op_args(*case, requires_grad=False)
-    x, h0, c0, weights, batch_sizes, cell, bias, proj, _ = args
-    out, h_n, c_n, saved, m, m_n = torch.ops.rnn.layer_fwd(*args[:-1], True)
+    x, h0, c0, weights, batch_sizes, cell, bias, proj, _, _ = _op_args(*case, requires_grad=False, backend=backend)
+    out, h_n, c_n, saved, m, m_n = torch.ops.rnn.layer_fwd(x, h0, c0, weights, batch_sizes, cell, bias, proj, True,
+                                                           backend)
     hidden, hidden_n = (m, m_n) if proj and backend == "triton" else (out, h_n)
     d_out, d_hn, d_cn = torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n)
     for grads in ((d_out, d_hn, d_cn if cell == int(Cell.LSTM) else None), (d_out, None, None)):
         torch.library.opcheck(torch.ops.rnn.layer_bwd.default,
                               (x, h0, c0, weights, batch_sizes, hidden, saved, hidden_n, *grads, cell, bias, proj,
-                               True),
+                               True, backend),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -84,7 +86,7 @@ def test_fake_layer_fwd_gives_shapes_only():
     """Under FakeTensorMode the op computes no values (the kernels never run) and the shapes
     follow the inputs, packed batches included (their batch size from a given state)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    real = _op_args(Cell.LSTM, 2, True, True, True, True, True)
+    real = _op_args(Cell.LSTM, 2, True, True, True, True, True)  # the fused backend: it saves most
     launches = []
     with FakeTensorMode() as mode, ops.recording(launches):
         args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else
