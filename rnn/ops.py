@@ -308,18 +308,12 @@ def _none_if_empty(t: Tensor | None) -> Tensor | None:
     return None if t is None or (t.dim() == 1 and t.shape[0] == 0) else t
 
 
-def _layer_groups(weights, has_bias: bool, proj: bool):
-    """The ops' weights (per direction w_ih, w_hh[, b_ih, b_hh][, w_hr]) -> (w_ih, w_hh, b_ih, b_hh,
-    w_hr) per direction, absent ones None."""
-    return group_weights(weights, has_bias, proj)
-
-
 def layer_fwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: Sequence[Tensor],
-              batch_sizes: Optional[Tensor], cell: int, has_bias: bool, proj: bool, save: bool, backend: str
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   batch_sizes: Optional[Tensor], cell: int, has_bias: bool, proj: bool, save: bool, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer, every direction, time-major ([T, B, I] in any strides, or packed data [N, I]
-    with its batch_sizes). weights: per direction w_ih, w_hh, b_ih, b_hh (absent biases None),
-    and w_hr when ``proj``. save: keep what the fused backward needs. backend: one of
+    with its batch_sizes). weights: torch.nn's flat weights of the layer, per direction w_ih,
+    w_hh, then b_ih, b_hh when ``has_bias``, then w_hr when ``proj``. save: keep what the fused backward needs. backend: one of
     LAYER_BACKENDS (``layer_backend``'s choice for the device).
 
     Returns (out, h_n, c_n, saved, m, m_n); c_n only for LSTM, saved (the gate activations) only
@@ -327,7 +321,7 @@ def layer_fwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weight
     path with a projection; absent ones are empty 1-D tensors.
     """
     cell = Cell(cell)
-    groups = _layer_groups(weights, has_bias, proj)
+    groups = group_weights(weights, has_bias, proj)
     if batch_sizes is not None:
         check_batch_sizes(batch_sizes, x.shape[0])
     _check_backend(backend)
@@ -368,7 +362,7 @@ layer_fwd = torch.library.custom_op("rnn::layer_fwd", layer_fwd_impl, mutates_ar
 @layer_fwd.register_fake
 def _layer_fwd_fake(x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save, backend):
     cell = Cell(cell)
-    groups = _layer_groups(weights, has_bias, proj)
+    groups = group_weights(weights, has_bias, proj)
     D, G = len(groups), cell.gates
     H = groups[0][1].shape[0] // G
     H_out = groups[0][4].shape[0] if proj else H
@@ -390,9 +384,9 @@ def _layer_fwd_fake(x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save,
 
 
 def layer_bwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weights: Sequence[Tensor],
-              batch_sizes: Optional[Tensor], hidden: Tensor, saved: Tensor, hidden_n: Tensor,
-              d_out: Optional[Tensor], d_hn: Optional[Tensor], d_cn: Optional[Tensor], cell: int, has_bias: bool,
-              proj: bool, need_dx: bool, backend: str) -> list[Tensor]:
+                   batch_sizes: Optional[Tensor], hidden: Tensor, saved: Tensor, hidden_n: Tensor,
+                   d_out: Optional[Tensor], d_hn: Optional[Tensor], d_cn: Optional[Tensor], cell: int,
+                   has_bias: bool, proj: bool, need_dx: bool, backend: str) -> list[Tensor]:
     """Gradients of layer_fwd: [dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr], the weights'
     with directions stacked (dw_ih [D*G*H, I], dw_hh [D, G*H, H_out], db_* [D*G*H], dw_hr
     [D, P, H]: one tensor each, so no two results alias), absent ones (no h0, no bias, no
@@ -400,7 +394,7 @@ def layer_bwd_impl(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor], weight
     out (m with a projection), saved and m_n; d_out, d_hn, d_cn: the upstream gradients (any may
     be None)."""
     cell = Cell(cell)
-    groups = _layer_groups(weights, has_bias, proj)
+    groups = group_weights(weights, has_bias, proj)
     _check_backend(backend)
     with _no_autocast(x):
         grads = _backward(backend, cell, x, h0, c0, groups, batch_sizes, hidden, saved, hidden_n,
@@ -429,7 +423,7 @@ layer_bwd = torch.library.custom_op("rnn::layer_bwd", layer_bwd_impl, mutates_ar
 @layer_bwd.register_fake
 def _layer_bwd_fake(x, h0, c0, weights, batch_sizes, hidden, saved, hidden_n, d_out, d_hn, d_cn, cell, has_bias,
                     proj, need_dx, backend):
-    groups = _layer_groups(weights, has_bias, proj)
+    groups = group_weights(weights, has_bias, proj)
     D = len(groups)
     w_ih, w_hh, b_ih, _, w_hr = groups[0]
 
@@ -472,7 +466,7 @@ def _gradients(grads, weights, has_bias: bool, proj: bool):
     """layer_bwd's list -> (dx, dh0, dc0, [a gradient per tensor of ``weights``]), None for the
     absent states; each direction's weight gradients are views of the stacked ones."""
     dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr = (_none_if_empty(g) for g in grads)
-    groups = _layer_groups(weights, has_bias, proj)
+    groups = group_weights(weights, has_bias, proj)
     rows = dw_hh.shape[1]
     dweights = []
     for d, group in enumerate(groups):
