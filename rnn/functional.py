@@ -21,7 +21,7 @@ class ForwardPath:
 
     backend: str  # "triton", "reference" or "native" (torch.nn's own CPU implementation)
     launches: list[LaunchInfo] = field(default_factory=list)
-    reason: str = ""  # why the reference ran where kernels were possible
+    reason: str = ""  # why the kernels did not run (reference or native)
     backward_launches: list[LaunchInfo] = field(default_factory=list)
 
 
