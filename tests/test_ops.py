@@ -98,3 +98,30 @@ def test_fake_layer_fwd_gives_shapes_only():
     assert launches == []  # nothing ran
 
 
+
+
+@pytest.mark.interpreter
+def test_modules_under_a_dispatch_mode_call_the_ops():
+    """Eager calls skip the dispatcher only where nothing would see it: under a dispatch mode
+    (FakeTensorMode, FlopCounterMode, a user's) the modules call rnn::layer_fwd / layer_bwd,
+    forward and backward, with the same results."""
+    import rnn
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = rnn.GRU(3, 4, num_layers=2, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    want = model(x)[0]
+    want_grad, = torch.autograd.grad(want.square().sum(), x)
+    with Spy():
+        got = model(x)[0]
+        got_grad, = torch.autograd.grad(got.square().sum(), x)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    assert seen.count("rnn.layer_fwd.default") == 2 and seen.count("rnn.layer_bwd.default") == 2
