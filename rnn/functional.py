@@ -25,19 +25,22 @@ class ForwardPath:
     backward_launches: list[LaunchInfo] = field(default_factory=list)
 
 
+_NATIVE_REASON = "no Triton backend for CPU tensors without TRITON_INTERPRET=1: torch.nn's own implementation ran"
+
+
 def choose_backend(x: torch.Tensor) -> ForwardPath:
     """RNN_BACKEND=auto runs the kernels on CUDA tensors and on CPU tensors under the Triton
     interpreter, and torch.nn's own implementation ("native") on other CPU tensors; =triton
     insists on the kernels (an error where they cannot run); =reference runs the pure-PyTorch loop."""
-    backend = layer_backend(x.device)
+    choice = env.backend()
+    backend = layer_backend(x.device, choice)
     if backend == "reference":
         return ForwardPath("reference", reason="RNN_BACKEND=reference")
     if backend == "native":
-        if env.backend() == "triton":
+        if choice == "triton":
             raise RuntimeError(f"RNN_BACKEND=triton needs a CUDA tensor or TRITON_INTERPRET=1, "
                                f"got a tensor on {x.device}")
-        return ForwardPath("native", reason=f"no Triton backend for {x.device} tensors: torch.nn's own "
-                                            f"implementation ran")
+        return ForwardPath("native", reason=_NATIVE_REASON)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the fused kernels support {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}")
     return ForwardPath("triton")

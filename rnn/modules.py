@@ -54,7 +54,7 @@ class _FusedRNNBase:
                 if isinstance(input, PackedSequence):
                     check_packed(*input)
                 output = super().forward(input, hx)
-                self.last_path = path
+                self.__dict__["last_path"] = path  # not a parameter: skips Module.__setattr__'s checks
                 return output
         self._update_flat_weights()
         cell = self._cell()

@@ -35,11 +35,12 @@ from rnn import reference
 LAYER_BACKENDS = ("triton", "native", "reference")
 
 
-def layer_backend(device: torch.device) -> str:
+def layer_backend(device: torch.device, choice: str | None = None) -> str:
     """Which implementation a layer on ``device`` runs: ``reference`` with RNN_BACKEND=reference
     (rnn.functional runs it as a pure-PyTorch loop, not through the ops), else ``triton`` on CUDA
-    and under the interpreter, else ``native`` (torch.nn's own CPU implementation)."""
-    if env.backend() == "reference":
+    and under the interpreter, else ``native`` (torch.nn's own CPU implementation). ``choice``:
+    RNN_BACKEND's value, where the caller has read it already."""
+    if (choice or env.backend()) == "reference":
         return "reference"
     if device.type == "cuda":
         return "triton"
