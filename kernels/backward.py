@@ -13,8 +13,8 @@ from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell
 from kernels.configs import (KernelConfig, backward_reduction, candidate_backward_configs, cdiv, check_stages,
                              default_backward_config)
 from kernels.packing import Packing
-from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _sm_count, autotune_cache, dense,
-                             given_output, layer_key, layout_strides, max_registers, may_tune, on_input_device,
+from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _sm_count, autotune_cache, barrier_counters,
+                             dense, given_output, layer_key, layout_strides, max_registers, may_tune, on_input_device,
                              seq_offsets, tile_steps, time_candidates)
 
 
@@ -284,7 +284,7 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
         xbuf = torch.zeros(2, D, B, G * H, dtype=acc, device=device)
         dhbuf = torch.empty(D, B, H, dtype=acc, device=device)
         dcbuf = torch.empty_like(dhbuf) if cell == Cell.LSTM else dhbuf
-        sync = torch.zeros(grid[1] * D, dtype=torch.int32, device=device)
+        sync = barrier_counters(grid, device)
         dummy = xbuf
         args = tuple(t if t is not None else dummy for t in (
             saved, out, h0, c0, lengths, offsets, w_hh, d_out, d_hn, d_cn, dg, dh0, dc0, xbuf, dhbuf, dcbuf, sync))

@@ -496,7 +496,7 @@ class _Layer:
         hbuf = torch.empty(2, D, B, H, dtype=acc, device=self.device)
         is_lstm = self.cell == Cell.LSTM
         cbuf = torch.empty(D, B, H, dtype=acc, device=self.device) if is_lstm else hbuf
-        sync = torch.zeros(grid[1] * D, dtype=torch.int32, device=self.device)
+        sync = barrier_counters(grid, self.device)
         # Unused pointers get a valid tensor; their loads are compiled out by the constexpr flags.
         dummy = hbuf
         lengths, offsets = (packing.lengths, packing.offsets) if packing is not None else (None, None)
@@ -513,6 +513,16 @@ class _Layer:
             for s in range(T):
                 rnn_fwd_kernel[grid](*args, s, s + 1, *strides, SYNC=False, **meta)
         return LaunchInfo("rnn_fwd_kernel", cfg, grid, persistent)
+
+
+def barrier_counters(grid: tuple, device: torch.device) -> torch.Tensor:
+    """One int32 counter per (direction, batch tile), zeroed: the grid barrier's (a memset inside
+    the launch's own work, so a CUDA graph replays it). With one program per group no barrier
+    runs and nothing reads them: no memset."""
+    n = grid[1] * grid[2]
+    if grid[0] == 1:
+        return torch.empty(n, dtype=torch.int32, device=device)
+    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
 _caches: dict = {}
