@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from kernels.cells import Cell
 from rnn import functional
+from rnn.ops import check_batch_sizes
 
 
 class _FusedRNNBase:
@@ -108,7 +109,7 @@ class _FusedRNNBase:
                 batch_first=self.batch_first, dropout=self.dropout, training=self.training, has_bias=self.bias,
                 proj_size=getattr(self, "proj_size", 0), path=path)
         if not compiling:  # a compiled call's launches happen outside Python: last_path is eager calls'
-            self.last_path = path
+            self.__dict__["last_path"] = path
         hidden = (h_n, c_n) if is_lstm else h_n
         if packed:
             return output, self.permute_hidden(hidden, unsorted_indices)
@@ -157,21 +158,9 @@ def check_packed(data, batch_sizes, sorted_indices, unsorted_indices):
     """A PackedSequence that the kernels can trust: batch_sizes a 1-D int64 CPU tensor of positive,
     non-increasing sizes that add up to data's rows; the index tensors both absent or mutually
     inverse permutations of the batch. torch.nn runs malformed ones and reads past the data."""
-    if not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 \
-            or batch_sizes.device.type != "cpu":
-        what = (f"a {batch_sizes.dim()}-D {batch_sizes.dtype} tensor on {batch_sizes.device}"
-                if isinstance(batch_sizes, torch.Tensor) else type(batch_sizes).__name__)
-        raise RuntimeError(f"PackedSequence: batch_sizes must be a 1-D int64 tensor on the CPU, got {what}")
     compiling = torch.compiler.is_compiling()
-    if compiling:
-        pass  # values are data to a compiled graph: rnn::layer_fwd checks them when it runs
-    elif len(batch_sizes) == 0 or batch_sizes.min() <= 0 or (batch_sizes[1:] > batch_sizes[:-1]).any():
-        raise RuntimeError(f"PackedSequence: batch_sizes must be positive and non-increasing (one entry per time "
-                           f"step, as pack_padded_sequence makes them), got {batch_sizes.tolist()}")
-    rows = None if compiling else int(batch_sizes.sum())
-    if rows is not None and data.dim() >= 1 and data.size(0) != rows:
-        raise RuntimeError(f"PackedSequence: batch_sizes add up to {rows} rows but data has {data.size(0)} "
-                           f"(data shape {list(data.shape)})")
+    # Values are data to a compiled graph: rnn::layer_fwd checks them when it runs.
+    check_batch_sizes(batch_sizes, data.size(0) if data.dim() >= 1 else None, values=not compiling)
     if (sorted_indices is None) != (unsorted_indices is None):
         raise RuntimeError("PackedSequence: sorted_indices and unsorted_indices must both be given or both be None")
     if sorted_indices is None:

@@ -134,17 +134,21 @@ def packing_for(batch_sizes: Tensor, device: torch.device) -> Packing:
     return packing
 
 
-def check_batch_sizes(batch_sizes: Tensor, rows: int):
-    """What the kernels trust about a packed batch's sizes: a 1-D int64 CPU tensor, positive,
-    non-increasing, adding up to the data's rows."""
-    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
-        raise RuntimeError(f"PackedSequence: batch_sizes must be a 1-D int64 tensor on the CPU, got a "
-                           f"{batch_sizes.dim()}-D {batch_sizes.dtype} tensor on {batch_sizes.device}")
+def check_batch_sizes(batch_sizes, rows: int | None, values: bool = True):
+    """What the kernels trust about a packed batch's sizes: a 1-D int64 CPU tensor and, with
+    ``values``, positive, non-increasing sizes adding up to the data's ``rows`` (None: not known)."""
+    if not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 \
+            or batch_sizes.device.type != "cpu":
+        what = (f"a {batch_sizes.dim()}-D {batch_sizes.dtype} tensor on {batch_sizes.device}"
+                if isinstance(batch_sizes, Tensor) else type(batch_sizes).__name__)
+        raise RuntimeError(f"PackedSequence: batch_sizes must be a 1-D int64 tensor on the CPU, got {what}")
+    if not values:
+        return
     if len(batch_sizes) == 0 or batch_sizes.min() <= 0 or (batch_sizes[1:] > batch_sizes[:-1]).any():
         raise RuntimeError(f"PackedSequence: batch_sizes must be positive and non-increasing (one entry per time "
                            f"step, as pack_padded_sequence makes them), got {batch_sizes.tolist()}")
     total = int(batch_sizes.sum())
-    if total != rows:
+    if rows is not None and total != rows:
         raise RuntimeError(f"PackedSequence: batch_sizes add up to {total} rows but data has {rows}")
 
 
