@@ -1,5 +1,6 @@
 """torch.compile and torch.export of models that hold rnn's modules (CPU: the kernels through the
 interpreter, and torch's native path without it)."""
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -65,12 +66,15 @@ def test_compile_fullgraph_one_node_per_layer_and_dynamic_length():
     rnn::layer_fwd node; new lengths recompile once (then T is dynamic), never per length."""
     torch.manual_seed(0)
     model = Tagger(num_layers=2, bidirectional=True).double()
+    twin = copy.deepcopy(model)
+    twin.rnn = rnn.to_torch(twin.rnn)  # the same model on torch.nn.LSTM
     counter = _fresh_counter()
     compiled = rnn.compile(model, backend=counter, fullgraph=True)
     for T in (3, 5, 8, 2):
         x = torch.randn(2, T, 3, dtype=torch.float64)
-        got, want = _step(compiled, x), _step(model, x)
+        got, want, torch_nn = _step(compiled, x), _step(model, x), _step(twin, x)
         _assert_same([got[0]] + got[1], [want[0]] + want[1])
+        _assert_same([got[0]] + got[1], [torch_nn[0]] + torch_nn[1], tol=1e-10)
     assert counter.frame_count <= 2
     assert [_layer_nodes(g) for g in counter.graphs] == [2] * counter.frame_count
     assert torch._dynamo.config.allow_rnn is False  # only during the calls
