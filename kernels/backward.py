@@ -14,8 +14,8 @@ from kernels.configs import (KernelConfig, backward_reduction, candidate_backwar
                              default_backward_config)
 from kernels.packing import Packing
 from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _sm_count, autotune_cache, barrier_counters,
-                             dense, given_output, layer_key, layout_strides, max_registers, may_tune, on_input_device,
-                             seq_offsets, tile_steps, time_candidates)
+                             check_weights, dense, given_output, layer_key, layout_strides, max_registers, may_tune,
+                             on_input_device, seq_offsets, tile_steps, time_candidates)
 
 
 @triton.jit
@@ -82,7 +82,8 @@ def rnn_bwd_kernel(
     h0_ptr, c0_ptr,  # [D, B, H]
     len_ptr,  # [B] int32 sequence lengths (PACKED)
     off_ptr,  # [T] int64 first packed row of each time (PACKED)
-    w_hh_ptr,  # [D, G*H, H]
+    w_hh_ptr,  # [G*H, H]: the forward direction's
+    w_hh_rev_ptr,  # the reverse direction's (D == 2)
     dout_ptr,  # like out: gradient of the outputs
     dhn_ptr, dcn_ptr,  # [D, B, H]: gradients of h_n, c_n
     dg_ptr,  # out [T, B, D, GR, H] (packed [N, ...]): gate pre-activation gradients (GR: G; GRU 4: r z n n_h)
@@ -118,7 +119,10 @@ def rnn_bwd_kernel(
     row_ok = rows < B
     own_mask = row_ok[:, None] & unit_ok[None, :]
     rows64 = rows.to(tl.int64)
-    w_dir = w_hh_ptr + d * KG * H
+    w_dir = w_hh_ptr
+    if D == 2:
+        if d == 1:
+            w_dir = w_hh_rev_ptr
     state = d * B * H + rows[:, None] * H + units[None, :]
     g_rows = (d * B + rows[:, None]) * KG  # this tile's rows of an exchange slot
     slot = D * B * KG
@@ -228,12 +232,14 @@ class BackwardResult(NamedTuple):
 
 
 @on_input_device
-def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, saved, d_out, d_hn, d_cn,
+def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved, d_out, d_hn, d_cn,
             batch_first: bool, need_dx: bool = True, config: KernelConfig | None = None, dg=None, dh0=None,
             dc0=None) -> BackwardResult:
-    """Gradients of one layer (every direction) from the forward's inputs, outputs and saved
-    activations (rnn_fwd(save=True)) and the gradients of out, h_n and c_n (any may be None).
+    """Gradients of one layer (every direction) from the forward's inputs (weights per direction
+    as rnn_fwd takes them; only w_ih and w_hh are read), outputs and saved activations
+    (rnn_fwd(save=True)) and the gradients of out, h_n and c_n (any may be None).
     With ``packing``, x, out, d_out and the gate gradients are in the packed layout, as in rnn_fwd.
+    Weight gradients come stacked by direction (dw_ih [D*G*H, I], dw_hh [D, G*H, H]).
 
     The reverse-time loop runs in rnn_bwd_kernel (persistent where co-resident, else a launch per
     step); dx and every weight gradient then come from GEMMs over all timesteps at once. Biases:
@@ -242,8 +248,9 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
     [D, B, H]); tests poison them.
     """
     cell = Cell(cell)
-    D, GH, H = w_hh.shape
+    D, H = check_weights("rnn_bwd", cell, weights, x.shape[-1])
     G = cell.gates
+    GH = G * H
     GR = 4 if cell == Cell.GRU else G
     if packing is not None:
         T, B = packing.steps, packing.batch
@@ -267,7 +274,8 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
         raise ValueError(f"d_out must have the shape of out, {list(out.shape)}, got {list(d_out.shape)}")
     out, d_out = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (out, d_out))
     d_hn, d_cn = dense("d_hn", d_hn, (D, B, H)), dense("d_cn", d_cn, (D, B, H))
-    w_hh = dense("w_hh", w_hh, (D, GH, H))
+    w_ih = [w[0] for w in weights]
+    w_hh = [w[1].contiguous() for w in weights]  # the kernel indexes them densely
     h0, c0 = dense("h0", h0, (D, B, H)), dense("c0", c0, (D, B, H))
     if saved is not None:
         saved = dense("saved", saved, (*seqs, D, G + 1, H))
@@ -287,7 +295,8 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
         sync = barrier_counters(grid, device)
         dummy = xbuf
         args = tuple(t if t is not None else dummy for t in (
-            saved, out, h0, c0, lengths, offsets, w_hh, d_out, d_hn, d_cn, dg, dh0, dc0, xbuf, dhbuf, dcbuf, sync))
+            saved, out, h0, c0, lengths, offsets, w_hh[0], w_hh[-1], d_out, d_hn, d_cn, dg, dh0, dc0, xbuf, dhbuf,
+            dcbuf, sync))
         args += (T, B, H)
         meta = backward_meta(cell, D, H, cfg, has_h0=h0 is not None, has_c0=c0 is not None,
                              packed=packing is not None, has_dout=d_out is not None, has_dhn=d_hn is not None,
@@ -308,9 +317,9 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
         return LaunchInfo("rnn_bwd_kernel", cfg, grid, persistent)
 
     if B > 0:
-        info = launch(config or _tuned_or_default(cell, T, B, w_hh, precision, packing, launch))
+        info = launch(config or _tuned_or_default(cell, T, B, D, w_hh[0], precision, packing, launch))
     else:
-        cfg = config or default_backward_config(H, B, G, w_hh.element_size(), interpreting, D, _sm_count(device))
+        cfg = config or default_backward_config(H, B, G, w_hh[0].element_size(), interpreting, D, _sm_count(device))
         info = LaunchInfo("rnn_bwd_kernel", cfg, (cdiv(H, cfg.hidden_block), 0, D), False)
         dg.zero_()
         dh0.zero_()
@@ -328,7 +337,10 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
     db_ih = gates_in.sum(0)
     dx = None
     if need_dx:
-        dx = gates_in @ w_ih
+        # One GEMM per direction (no concatenated copy of W_ih), summed.
+        dx = gates_in[:, :GH] @ w_ih[0]
+        if D == 2:
+            dx = dx.addmm_(gates_in[:, GH:], w_ih[1])
         if packing is None:
             dx = dx.view(T, B, -1)
             dx = dx.transpose(0, 1) if batch_first else dx
@@ -339,11 +351,11 @@ def rnn_bwd(cell: Cell, x, w_ih, w_hh, h0, c0, packing: Packing | None, out, sav
     return BackwardResult(dg, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, info)
 
 
-def _tuned_or_default(cell: Cell, T: int, B: int, w_hh, precision: str, packing, launch) -> KernelConfig:
-    """The cached winner of this shape's backward; on a miss, tune it now with ``launch(cfg,
-    steps)`` on the real gradients (where forward.may_tune; a packed batch takes its padded
-    shape's winner) or take the heuristic default."""
-    D, _, H = w_hh.shape
+def _tuned_or_default(cell: Cell, T: int, B: int, D: int, w_hh, precision: str, packing, launch) -> KernelConfig:
+    """The cached winner of this shape's backward (w_hh: one direction's); on a miss, tune it now
+    with ``launch(cfg, steps)`` on the real gradients (where forward.may_tune; a packed batch takes
+    its padded shape's winner) or take the heuristic default."""
+    H = w_hh.shape[1]
     device = w_hh.device
     default = default_backward_config(H, B, cell.gates, w_hh.element_size(), env.interpreting(), D,
                                       _sm_count(device))

@@ -16,7 +16,7 @@ from kernels.barrier import grid_sync
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
 from kernels.packing import Packing
 from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, cdiv, check_stages,
-                             default_forward_config, describe, is_resident, k_block, tuning_key)
+                             default_forward_config, describe, k_block, tuning_key)
 
 
 @triton.jit
@@ -102,6 +102,16 @@ def _gate_input(x_ptr, gate, H, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _gate_bias(b_ptr, gate, H, mask, HAS_BHH: tl.constexpr, ACC: tl.constexpr):
+    """One gate's b_hh ([1, HB]), loaded each step (L1-resident): held across the time loop it
+    would cost registers that some defaults do not have (GRU fp16 H=64 spilled, sm_90 compile)."""
+    if HAS_BHH:
+        return tl.load(b_ptr + gate * H, mask=mask, other=0.0).to(ACC)
+    else:
+        return tl.zeros(b_ptr.shape, ACC)
+
+
+@triton.jit
 def _save(ptr, slot, H, value, mask):
     tl.store(ptr + slot * H, value.to(ptr.dtype.element_ty), mask=mask)
 
@@ -133,9 +143,12 @@ def tile_steps(len_ptr, rows, row_ok, T, first_lo, PACKED: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "t0", "t1"])
 def rnn_fwd_kernel(
-    xw_ptr,  # [T, B, D*G*H] (or [B, T, ...], or packed [N, ...]): x @ W_ih^T + biases, b_hn left out for GRU
-    w_hh_ptr,  # [D, G*H, H]
-    b_hn_ptr,  # [D, H], GRU only
+    xw_ptr,  # [T, B, G*H] (or [B, T, ...], or packed [N, ...]): x @ W_ih^T + b_ih, the forward direction's
+    w_hh_ptr,  # [G*H, H]
+    b_hh_ptr,  # [G*H] (HAS_BHH)
+    xw_rev_ptr,  # the reverse direction's xw, w_hh and b_hh (D == 2), laid out as the forward's
+    w_hh_rev_ptr,
+    b_hh_rev_ptr,
     h0_ptr,  # [D, B, H]
     c0_ptr,  # [D, B, H], LSTM only
     len_ptr,  # [B] int32 sequence lengths (PACKED)
@@ -151,7 +164,7 @@ def rnn_fwd_kernel(
     stride_xt, stride_xb, stride_ot, stride_ob,  # packed: the row strides in stride_xb, stride_ob
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr,
-    FUSED: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr, HAS_BHN: tl.constexpr,
+    FUSED: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr, HAS_BHH: tl.constexpr,
     SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
@@ -165,6 +178,8 @@ def rnn_fwd_kernel(
     state, and a batch tile skips the steps in which all its sequences are idle.
     SAVE (training): per step, LSTM saves sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) and c_t;
     GRU r, z, n and W_hn h_{t-1} + b_hn; an RNN saves nothing (its output is all backward needs).
+    Each direction has its own pointers, so the caller stacks or concatenates no weight, and b_hh
+    is added here (GRU's b_hn must be: torch multiplies it by r), not folded into xw on the host.
     """
     ACC: tl.constexpr = hbuf_ptr.dtype.element_ty
     RESIDENT: tl.constexpr = KB == BK
@@ -179,7 +194,14 @@ def rnn_fwd_kernel(
     unit_ok = units < H
     row_ok = rows < B
     own_mask = row_ok[:, None] & unit_ok[None, :]
-    w_dir = w_hh_ptr + d * G * H * H
+    xw_dir = xw_ptr
+    w_dir = w_hh_ptr
+    bhh_dir = b_hh_ptr
+    if D == 2:
+        if d == 1:
+            xw_dir = xw_rev_ptr
+            w_dir = w_hh_rev_ptr
+            bhh_dir = b_hh_rev_ptr
     state_rows = d * B * H + rows[:, None] * H
     slot = D * B * H
     ks = tl.arange(0, KB)
@@ -193,9 +215,8 @@ def rnn_fwd_kernel(
         full_mask = row_ok[:, None] & (ks < H)[None, :]
         h_full = _load_state(h0_ptr, hbuf_ptr + (s_start % 2) * slot, state_rows + ks[None, :], full_mask,
                              s_start - s_lo, HAS_H0, ACC).to(w0.dtype)
-    b_hn = tl.zeros([HB], ACC)
-    if HAS_BHN:
-        b_hn = tl.load(b_hn_ptr + d * H + units, mask=unit_ok, other=0.0).to(ACC)
+    b_ptr = bhh_dir + units[None, :]  # b_hh of each gate (GRU's third is b_hn)
+    b_mask = unit_ok[None, :]
 
     h_own = _load_state(h0_ptr, hbuf_ptr + (s_start % 2) * slot, state_rows + units[None, :], own_mask,
                         s_start - s_lo, HAS_H0, ACC)
@@ -228,15 +249,20 @@ def rnn_fwd_kernel(
 
         active = (t < lengths)[:, None]
         io_mask = own_mask & active  # packed data has no row for an ended sequence
-        x_ptr = xw_ptr + seq_offsets(off_ptr, t, rows64, stride_xt, stride_xb, PACKED)[:, None] + d * G * H \
-            + units[None, :]
+        x_ptr = xw_dir + seq_offsets(off_ptr, t, rows64, stride_xt, stride_xb, PACKED)[:, None] + units[None, :]
+        a0 += _gate_bias(b_ptr, 0, H, b_mask, HAS_BHH, ACC)
+        if G >= 3:
+            a1 += _gate_bias(b_ptr, 1, H, b_mask, HAS_BHH, ACC)
+            a2 += _gate_bias(b_ptr, 2, H, b_mask, HAS_BHH, ACC)
+        if G == 4:
+            a3 += _gate_bias(b_ptr, 3, H, b_mask, HAS_BHH, ACC)
         if CELL == LSTM:
             h_new, c_new, si, sf, tg, so = lstm_cell(a0 + _gate_input(x_ptr, 0, H, io_mask, ACC),
                                                      a1 + _gate_input(x_ptr, 1, H, io_mask, ACC),
                                                      a2 + _gate_input(x_ptr, 2, H, io_mask, ACC),
                                                      a3 + _gate_input(x_ptr, 3, H, io_mask, ACC), c)
         elif CELL == GRU:
-            n_h = a2 + b_hn[None, :]
+            n_h = a2
             h_new, r, z, n = gru_cell(a0 + _gate_input(x_ptr, 0, H, io_mask, ACC),
                                       a1 + _gate_input(x_ptr, 1, H, io_mask, ACC),
                                       _gate_input(x_ptr, 2, H, io_mask, ACC), n_h, h_own)
@@ -343,15 +369,16 @@ def on_input_device(launcher):
 
 
 @on_input_device
-def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, bias, b_hn, h0, c0,
-            packing: Packing | None, batch_first: bool, config: KernelConfig | None = None, out=None, hn=None,
-            cn=None, save: bool = False, first_step=None) -> ForwardResult:
+def rnn_fwd(cell: Cell, x: torch.Tensor, weights, h0, c0, packing: Packing | None, batch_first: bool,
+            config: KernelConfig | None = None, out=None, hn=None, cn=None, save: bool = False,
+            first_step=None) -> ForwardResult:
     """Run one layer, every direction in one launch (or one launch per step).
 
     x: [T, B, I] ([B, T, I] when batch_first), or with ``packing`` the data of a PackedSequence
     [N, I] (then in and out stay packed, and the input projection covers real tokens only);
-    w_ih: [D*G*H, I] (directions stacked); w_hh: [D, G*H, H]; bias: [D*G*H] or None (b_ih + b_hh,
-    except GRU's b_hn); b_hn: [D, H] or None; h0, c0: [D, B, H] or None (zeros).
+    weights: one (w_ih [G*H, I], w_hh [G*H, H], b_ih [G*H] or None, b_hh [G*H] or None) per
+    direction, torch.nn's parameters as they are (nothing is stacked or copied);
+    h0, c0: [D, B, H] or None (zeros).
     config: the partition; None takes the tuned one (autotuning on first use of a shape on CUDA,
     unless RNN_AUTOTUNE=0) or the heuristic default.
     out, hn, cn: optional preallocated outputs (tests poison them).
@@ -359,7 +386,7 @@ def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     first_step: [D, B, G*H] or None, added to each direction's input projection at its first step
         (LSTM with proj_size runs on m = o * tanh(c) and folds h0 W_hh^T in here).
     """
-    layer = _Layer(cell, x, w_ih, w_hh, bias, b_hn, h0, c0, packing, batch_first, first_step)
+    layer = _Layer(cell, x, weights, h0, c0, packing, batch_first, first_step)
     out = given_output("out", out, layer.empty_out(), strided=True)
     hn = given_output("hn", hn, torch.empty(layer.D, layer.B, layer.H, dtype=x.dtype, device=x.device))
     if layer.cell == Cell.LSTM:
@@ -371,6 +398,24 @@ def rnn_fwd(cell: Cell, x: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
     cfg = config or _tuned_or_default(layer)
     info = layer.launch(cfg, out, hn, cn, saved=saved)
     return ForwardResult(out, hn, cn if layer.cell == Cell.LSTM else None, info, saved)
+
+
+def check_weights(name: str, cell: Cell, weights, input_size: int):
+    """The launchers' per-direction weights -> (D, H) after checking every shape: one or two
+    directions, each (w_ih [G*H, I], w_hh [G*H, H], b_ih [G*H] or None, b_hh [G*H] or None)."""
+    if len(weights) not in (1, 2):
+        raise ValueError(f"{name}: weights must hold one or two directions, got {len(weights)}")
+    G = Cell(cell).gates
+    GH, H = weights[0][1].shape if weights[0][1].dim() == 2 else (None, None)
+    if H is None or GH != G * H:
+        raise ValueError(f"{name}: w_hh must have shape [{G}*H, H], got {list(weights[0][1].shape)}")
+    shapes = ((GH, input_size), (GH, H), (GH,), (GH,))
+    for d, w in enumerate(weights):
+        for what, t, shape in zip(("w_ih", "w_hh", "b_ih", "b_hh"), w[:4], shapes):
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"{name}: {what} must have shape {list(shape)} (direction {d}), got "
+                                 f"{list(t.shape)}")
+    return len(weights), H
 
 
 def given_output(name: str, given: torch.Tensor | None, fresh: torch.Tensor, strided: bool = False) -> torch.Tensor:
@@ -396,13 +441,13 @@ def dense(name: str, t: torch.Tensor | None, shape: tuple) -> torch.Tensor | Non
 
 
 def input_projection(x: torch.Tensor, w_ih: torch.Tensor, bias) -> torch.Tensor:
-    """x @ w_ih^T + bias over every row of x ([..., I] -> [..., F]), computed in x's memory order:
-    a [T, B, I] view of a batch-first tensor gets a [T, B, F] view of a batch-first result
-    instead of a copy of x (the kernels take the strides)."""
+    """x @ w_ih^T + bias over every row of x ([..., I] -> [..., F]), one GEMM (the bias in its
+    epilogue), computed in x's memory order: a [T, B, I] view of a batch-first tensor gets a
+    [T, B, F] view of a batch-first result instead of a copy of x (the kernels take the strides)."""
     if x.dim() == 3 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous():
         return input_projection(x.transpose(0, 1), w_ih, bias).transpose(0, 1)
     x2d = x.reshape(-1, x.shape[-1])
-    xw = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else x2d @ w_ih.t()
+    xw = torch.addmm(bias, x2d, w_ih.t()) if bias is not None else torch.mm(x2d, w_ih.t())
     return xw.view(*x.shape[:-1], w_ih.shape[0])
 
 
@@ -419,14 +464,11 @@ def layout_strides(seq: torch.Tensor, packing: Packing | None, batch_first: bool
 class _Layer:
     """One layer's inputs with the input projection done: what every launch of it shares."""
 
-    def __init__(self, cell, x, w_ih, w_hh, bias, b_hn, h0, c0, packing, batch_first, first_step=None):
+    def __init__(self, cell, x, weights, h0, c0, packing, batch_first, first_step=None):
         if x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"rnn_fwd: unsupported dtype {x.dtype}")
         self.cell = Cell(cell)
-        self.D, GH, self.H = w_hh.shape
-        G = self.cell.gates
-        if GH != G * self.H:
-            raise ValueError(f"rnn_fwd: w_hh must have shape [D, {G}*H, H], got {list(w_hh.shape)}")
+        self.D, self.H = check_weights("rnn_fwd", self.cell, weights, x.shape[-1])
         self.interpreting = env.interpreting()
         if x.device.type != "cuda" and not self.interpreting:
             raise RuntimeError("rnn_fwd: Triton kernels need a CUDA tensor or TRITON_INTERPRET=1")
@@ -435,17 +477,16 @@ class _Layer:
         else:
             self.T, self.B = (x.shape[1], x.shape[0]) if batch_first else (x.shape[0], x.shape[1])
         self.packing, self.batch_first, self.device, self.dtype = packing, batch_first, x.device, x.dtype
-        D, B, H = self.D, self.B, self.H
         # The kernel indexes these as dense row-major tensors: any strides a caller hands in
-        # (an expanded h0, a sliced weight) are made dense here.
-        self.w_hh = dense("w_hh", w_hh, (D, G * H, H))
-        self.b_hn = dense("b_hn", b_hn, (D, H))
-        self.h0 = dense("h0", h0, (D, B, H))
-        self.c0 = dense("c0", c0, (D, B, H))
-        if tuple(w_ih.shape) != (D * G * H, x.shape[-1]) or (bias is not None and tuple(bias.shape) != (D * G * H,)):
-            raise ValueError(f"rnn_fwd: w_ih must have shape [{D * G * H}, {x.shape[-1]}] and bias [{D * G * H}], "
-                             f"got {list(w_ih.shape)} and {None if bias is None else list(bias.shape)}")
-        self.xw = input_projection(x, w_ih, bias)
+        # (an expanded h0, a sliced weight) are made dense here (parameters already are: no copy).
+        self.w_hh = [w[1].contiguous() for w in weights]
+        self.b_hh = [w[3].contiguous() if w[3] is not None else None for w in weights]
+        if (self.b_hh[0] is None) != (self.b_hh[-1] is None):
+            raise ValueError("rnn_fwd: either every direction has b_hh or none has")
+        self.h0 = dense("h0", h0, (self.D, self.B, self.H))
+        self.c0 = dense("c0", c0, (self.D, self.B, self.H))
+        # One GEMM per direction, each into its own buffer with b_ih in the epilogue.
+        self.xw = [input_projection(x, w[0], w[2]) for w in weights]
         if first_step is not None:
             self._add_first_step(first_step)
         self.precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda
@@ -454,18 +495,16 @@ class _Layer:
     def _add_first_step(self, first_step):
         """Add first_step[d] ([B, G*H]) to direction d's input projection at its first step: time
         0 forward; in reverse each sequence's last time (T-1 unless packed)."""
-        GH = self.cell.gates * self.H
-        seqs = torch.arange(self.B, device=self.device)
         if self.packing is not None:
-            self.xw[:self.B, :GH] += first_step[0]  # every sequence has a row at time 0, in order
+            self.xw[0][:self.B] += first_step[0]  # every sequence has a row at time 0, in order
             if self.D == 2:
                 last = self.packing.lengths.long() - 1
-                self.xw[self.packing.row(last, seqs), GH:] += first_step[1]
+                self.xw[1][self.packing.row(last, torch.arange(self.B, device=self.device))] += first_step[1]
             return
-        xw = self.xw.transpose(0, 1) if self.batch_first else self.xw  # [T, B, D*G*H] view
-        xw[0, :, :GH] += first_step[0]
+        xw = [t.transpose(0, 1) if self.batch_first else t for t in self.xw]  # [T, B, G*H] views
+        xw[0][0] += first_step[0]
         if self.D == 2:
-            xw[self.T - 1, :, GH:] += first_step[1]
+            xw[1][self.T - 1] += first_step[1]
 
     def empty_out(self, steps=None):
         if self.packing is not None:
@@ -475,17 +514,17 @@ class _Layer:
         return torch.empty(*shape, self.D * self.H, dtype=self.dtype, device=self.device)
 
     def default_config(self) -> KernelConfig:
-        return default_forward_config(self.H, self.B, self.cell.gates, self.w_hh.element_size(), self.interpreting,
-                                      self.D, _sm_count(self.device))
+        return default_forward_config(self.H, self.B, self.cell.gates, self.w_hh[0].element_size(),
+                                      self.interpreting, self.D, _sm_count(self.device))
 
     def launch(self, cfg: KernelConfig, out, hn, cn, steps=None, saved=None) -> LaunchInfo:
         """Run the first ``steps`` timesteps (all by default; padded inputs only) with partition
         ``cfg``; fill ``saved`` for backward when given."""
         T, B, H, D = (self.T if steps is None else steps), self.B, self.H, self.D
-        xw = self.xw if steps is None else (self.xw[:, :steps] if self.batch_first else self.xw[:steps])
+        xw = self.xw if steps is None else [t[:, :steps] if self.batch_first else t[:steps] for t in self.xw]
         packing = self.packing
         meta = kernel_meta(self.cell, D, H, cfg, has_h0=self.h0 is not None, has_c0=self.c0 is not None,
-                           packed=packing is not None, has_bhn=self.b_hn is not None,
+                           packed=packing is not None, has_bhh=self.b_hh[0] is not None,
                            upcast=self.interpreting and self.dtype == torch.bfloat16, precision=self.precision,
                            save=saved is not None)
         n_h = cdiv(H, cfg.hidden_block)
@@ -500,11 +539,12 @@ class _Layer:
         # Unused pointers get a valid tensor; their loads are compiled out by the constexpr flags.
         dummy = hbuf
         lengths, offsets = (packing.lengths, packing.offsets) if packing is not None else (None, None)
-        args = tuple(t if t is not None else dummy for t in (xw, self.w_hh, self.b_hn, self.h0, self.c0, lengths,
-                                                           offsets, out, hn, cn if is_lstm else None, hbuf, cbuf,
-                                                           sync, saved))
+        # The reverse direction's pointers repeat the forward's where there is none.
+        args = tuple(t if t is not None else dummy for t in (
+            xw[0], self.w_hh[0], self.b_hh[0], xw[-1], self.w_hh[-1], self.b_hh[-1], self.h0, self.c0, lengths,
+            offsets, out, hn, cn if is_lstm else None, hbuf, cbuf, sync, saved))
         args += (T, B, H)
-        strides = layout_strides(xw, packing, self.batch_first) + layout_strides(out, packing, self.batch_first)
+        strides = layout_strides(xw[0], packing, self.batch_first) + layout_strides(out, packing, self.batch_first)
         persistent = _choose_persistent(rnn_fwd_kernel, cfg, grid, args, strides, meta, self.device,
                                         self.interpreting)
         if persistent:
@@ -577,12 +617,13 @@ TUNE_STEPS = 64  # timesteps each candidate runs while tuning; the time per step
 
 
 @on_input_device
-def tune_forward(cell: Cell, x, w_ih, w_hh, bias=None, b_hn=None, batch_first: bool = False):
-    """Tune one layer shape now (whatever the cache holds) on these inputs, and cache the winner.
+def tune_forward(cell: Cell, x, weights, batch_first: bool = False):
+    """Tune one layer shape now (whatever the cache holds) on these inputs (weights as rnn_fwd
+    takes them), and cache the winner.
 
     Returns (tuning key, winner, {candidate name: ms per step}, the heuristic default).
     """
-    layer = _Layer(cell, x, w_ih, w_hh, bias, b_hn, None, None, None, batch_first)
+    layer = _Layer(cell, x, weights, None, None, None, batch_first)
     if layer.device.type != "cuda":
         raise RuntimeError("tune_forward times kernels on a GPU: it needs CUDA tensors")
     key = _tuning_key(layer)
@@ -597,7 +638,7 @@ def _tune(layer: _Layer, key: str, repeats: int = 3):
     out = layer.empty_out(steps)
     hn = torch.empty(layer.D, layer.B, layer.H, dtype=layer.dtype, device=layer.device)
     cn = torch.empty_like(hn)
-    candidates = candidate_configs(layer.H, layer.B, layer.cell.gates, layer.w_hh.element_size(), layer.D,
+    candidates = candidate_configs(layer.H, layer.B, layer.cell.gates, layer.w_hh[0].element_size(), layer.D,
                                    _sm_count(layer.device))
     return time_candidates(key, candidates, lambda cfg: layer.launch(cfg, out, hn, cn, steps), steps,
                            layer.device, repeats)
@@ -645,7 +686,7 @@ def _sm_count(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=4096)  # a pure function of its arguments, on every launch's host path
 def kernel_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, has_c0: bool, packed: bool,
-                has_bhn: bool, upcast: bool, precision: str, save: bool = False) -> dict:
+                has_bhh: bool, upcast: bool, precision: str, save: bool = False) -> dict:
     """The constexprs and launch options of rnn_fwd_kernel for one layer and config (all but
     SYNC, which depends on the launch mode)."""
     cell = Cell(cell)
@@ -656,11 +697,12 @@ def kernel_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, 
     check_stages(cfg, k_block(H))
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
                 KB=min(cfg.k_block or k_block(H), k_block(H)), STAGES=cfg.num_stages, FUSED=fused, HAS_H0=has_h0,
-                HAS_C0=has_c0, PACKED=packed, HAS_BHN=has_bhn, UPCAST=upcast, PRECISION=precision, SAVE=save,
+                HAS_C0=has_c0, PACKED=packed, HAS_BHH=has_bhh, UPCAST=upcast, PRECISION=precision, SAVE=save,
                 num_warps=cfg.num_warps,
-                # Streaming W_hh, ptxas tends to cap itself at 128 registers and spill; given the
-                # budget it does not (sm_90 compiles). Resident slices fare better without one.
-                maxnreg=None if is_resident(cfg, k_block(H)) else max_registers(cfg.num_warps),
+                # Left to itself ptxas tends to cap itself at 128 registers and spill: streaming
+                # W_hh, and (since b_hh is added in the kernel) resident LSTM fp32 H=256 and GRU
+                # bf16 H=64 defaults (sm_90 compiles). Given the one-program-per-SM budget none does.
+                maxnreg=max_registers(cfg.num_warps),
                 # No software pipelining of the time loop (the K loop has STAGES): it could hoist
                 # the next step's h load above the barrier.
                 num_stages=1)

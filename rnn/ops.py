@@ -84,33 +84,9 @@ def group_weights(flat, has_bias: bool, has_proj: bool):
     return groups
 
 
-def stack_weights(cell: Cell, weights):
-    """Per-direction (w_ih, w_hh, b_ih, b_hh) -> the launcher's (w_ih [D*G*H, I], w_hh [D, G*H, H],
-    bias [D*G*H] or None, b_hn [D, H] or None).
-
-    b_hh folds into the input projection's bias, except GRU's b_hn, which torch multiplies by r.
-    One direction needs no copy of a weight. Nothing is cached across calls: an in-place write
-    through ``.data`` (weight clipping, EMA) changes a parameter without bumping its version
-    counter, so a cache keyed on versions could hand the kernels stale weights.
-    """
-    if len(weights) == 1:
-        w_ih, w_hh, b_ih, b_hh = weights[0][:4]
-        w_hh = w_hh.unsqueeze(0)
-        if b_ih is None:
-            return w_ih, w_hh, None, None
-        b_ih, b_hh = b_ih.unsqueeze(0), b_hh.unsqueeze(0)
-    else:
-        w_ih = torch.cat([w[0] for w in weights])
-        w_hh = torch.stack([w[1] for w in weights])
-        if weights[0][2] is None:
-            return w_ih, w_hh, None, None
-        b_ih = torch.stack([w[2] for w in weights])
-        b_hh = torch.stack([w[3] for w in weights])
-    if cell == Cell.GRU:
-        H = w_hh.shape[2]
-        bias = torch.cat([b_ih[:, :2 * H] + b_hh[:, :2 * H], b_ih[:, 2 * H:]], dim=1)
-        return w_ih, w_hh, bias.reshape(-1), b_hh[:, 2 * H:]
-    return w_ih, w_hh, (b_ih + b_hh).reshape(-1), None
+def _stacked(tensors):
+    """One tensor per direction -> [D, ...] (a view for one direction)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 # --- packed batches --------------------------------------------------------------------------
@@ -155,9 +131,10 @@ def check_batch_sizes(batch_sizes, rows: int | None, values: bool = True):
 # --- the fused layer -------------------------------------------------------------------------
 
 def _fused_forward(cell: Cell, x, h0, c0, groups, packing, save):
-    """(out, h_n, c_n, saved, info) of a layer without projection through rnn_fwd."""
-    w_ih, w_hh, bias, b_hn = stack_weights(cell, [g[:4] for g in groups])
-    result = rnn_fwd(cell, x, w_ih, w_hh, bias, b_hn, h0, c0, packing, False, save=save)
+    """(out, h_n, c_n, saved, info) of a layer without projection through rnn_fwd, which takes the
+    parameters as they are: nothing is stacked, concatenated or cached (a cache keyed on version
+    counters would miss in-place writes through ``.data``)."""
+    result = rnn_fwd(cell, x, [g[:4] for g in groups], h0, c0, packing, False, save=save)
     return result.out, result.h_n, result.c_n, result.saved, result.info
 
 
@@ -171,11 +148,12 @@ def _fused_proj_forward(x, h0, c0, groups, packing, save):
     h0 W_hh^T folded into each direction's first step. The outputs h are one GEMM over all steps;
     backward maps the kernels' gradients back onto W_hh, W_hr and h0.
     """
-    w_ih, w_hh, bias, _ = stack_weights(Cell.LSTM, [g[:4] for g in groups])  # w_hh [D, 4H, P]
-    w_hr = torch.stack([g[4] for g in groups])  # [D, P, H]
+    w_hh = _stacked([g[1] for g in groups])  # [D, 4H, P]
+    w_hr = _stacked([g[4] for g in groups])  # [D, P, H]
     first = torch.bmm(h0, w_hh.transpose(1, 2)) if h0 is not None else None
-    result = rnn_fwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), bias, None, None, c0, packing, False,
-                     save=save, first_step=first)
+    w_eff = torch.bmm(w_hh, w_hr)
+    weights = [(g[0], w_eff[d], g[2], g[3]) for d, g in enumerate(groups)]
+    result = rnn_fwd(Cell.LSTM, x, weights, None, c0, packing, False, save=save, first_step=first)
     m, m_n = result.out, result.h_n
     out = _project(m, w_hr)
     h_n = torch.bmm(m_n, w_hr.transpose(1, 2))
@@ -184,9 +162,9 @@ def _fused_proj_forward(x, h0, c0, groups, packing, save):
 
 def _fused_grads(cell: Cell, x, h0, c0, groups, packing, out, saved, d_out, d_hn, d_cn, need_dx):
     """Gradients of a layer without projection: (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None), info
-    (directions stacked as stack_weights stacks them)."""
-    w_ih, w_hh, _, _ = stack_weights(cell, [g[:4] for g in groups])
-    g = rnn_bwd(cell, x, w_ih, w_hh, h0, c0, packing, out, saved, d_out, d_hn, d_cn, False, need_dx=need_dx)
+    (weight gradients stacked by direction)."""
+    g = rnn_bwd(cell, x, [g[:4] for g in groups], h0, c0, packing, out, saved, d_out, d_hn, d_cn, False,
+                need_dx=need_dx)
     has_bias = groups[0][2] is not None
     return (g.dx, g.dh0 if h0 is not None else None, g.dc0 if c0 is not None else None, g.dw_ih, g.dw_hh,
             g.db_ih if has_bias else None, g.db_hh if has_bias else None, None), g.info
@@ -195,14 +173,15 @@ def _fused_grads(cell: Cell, x, h0, c0, groups, packing, out, saved, d_out, d_hn
 def _fused_proj_grads(x, h0, c0, groups, packing, m, m_n, saved, d_out, d_hn, d_cn, need_dx):
     """Gradients of an LSTM layer with proj_size (see _fused_proj_forward), stacked as in _fused_grads,
     with d_w_hr [D, P, H] last."""
-    w_ih, w_hh, _, _ = stack_weights(Cell.LSTM, [g[:4] for g in groups])
-    w_hr = torch.stack([g[4] for g in groups])
+    w_hh = _stacked([g[1] for g in groups])
+    w_hr = _stacked([g[4] for g in groups])
     D, P, H = w_hr.shape
     # The gradient reaching m through the projection of the outputs and of h_n.
     d_m = _project(d_out, w_hr.transpose(1, 2)) if d_out is not None else None
     d_mn = torch.bmm(d_hn, w_hr) if d_hn is not None else None
-    g = rnn_bwd(Cell.LSTM, x, w_ih, torch.bmm(w_hh, w_hr), None, c0, packing, m, saved, d_m, d_mn, d_cn,
-                False, need_dx=need_dx)
+    w_eff = torch.bmm(w_hh, w_hr)
+    g = rnn_bwd(Cell.LSTM, x, [(grp[0], w_eff[d]) + grp[2:4] for d, grp in enumerate(groups)], None, c0, packing,
+                m, saved, d_m, d_mn, d_cn, False, need_dx=need_dx)
     d_w_eff = g.dw_hh  # [D, 4H, H]
     d_w_hh = torch.bmm(d_w_eff, w_hr.transpose(1, 2))
     d_w_hr = torch.bmm(w_hh.transpose(1, 2), d_w_eff)

@@ -32,12 +32,14 @@ def tune_shape(cell: Cell, H: int, B: int, dtype: str, directions: int, seq: int
     device = "cuda"
     G, D = cell.gates, directions
     bound = H ** -0.5
-    w_ih = (torch.rand(D * G * H, H, device=device) * 2 - 1).mul_(bound).to(DTYPES[dtype])
-    w_hh = (torch.rand(D, G * H, H, device=device) * 2 - 1).mul_(bound).to(DTYPES[dtype])
+
+    def weight(*shape):
+        return (torch.rand(*shape, device=device) * 2 - 1).mul_(bound).to(DTYPES[dtype])
+
+    weights = [(weight(G * H, H), weight(G * H, H), weight(G * H), weight(G * H)) for _ in range(D)]
     x = torch.randn(seq, B, H, device=device, dtype=DTYPES[dtype])
     torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
-    b_hn = torch.zeros(D, H, device=device, dtype=DTYPES[dtype]) if cell == Cell.GRU else None
-    return tune_forward(cell, x, w_ih, w_hh, None, b_hn)
+    return tune_forward(cell, x, weights)
 
 
 def main(argv=None) -> int:

@@ -43,7 +43,7 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
     precision = "tf32" if dtype == "fp32" else "ieee"
     if kernel == "fwd":
         fn = rnn_fwd_kernel
-        options = dict(has_h0=True, has_c0=cell == Cell.LSTM, packed=False, has_bhn=cell == Cell.GRU)
+        options = dict(has_h0=True, has_c0=cell == Cell.LSTM, packed=False, has_bhh=True)
         options.update(flags or {})
         meta = dict(kernel_meta(cell, D, H, cfg, upcast=False, precision=precision, **options))  # cached: copy
         acc_args = ("hbuf_ptr", "cbuf_ptr")

@@ -10,7 +10,6 @@ from kernels.cells import Cell
 from kernels.configs import KernelConfig
 from kernels.forward import rnn_fwd
 from kernels.packing import Packing
-from rnn.ops import stack_weights as _stack_weights
 from rnn.reference import layer_forward
 
 CELL_IDS = [c.name for c in Cell]
@@ -171,12 +170,11 @@ def run_layer(cell, *, T=5, B=3, I=6, H=17, D=2, dtype=torch.float64, config=Non
     if packer is not None:
         x, ref = packer.pack(x), (packer.pack(ref[0]), *ref[1:])
 
-    w_ih, w_hh, b, b_hn = _stack_weights(cell, [w[:4] for w in weights])
     cast = (lambda t: t.to(dtype) if t is not None else None)
     out = torch.full_like(ref[0], math.nan, dtype=dtype)
     hn = torch.full_like(ref[1], math.nan, dtype=dtype)
     cn = torch.full_like(ref[1], math.nan, dtype=dtype) if cell == Cell.LSTM else None
-    result = rnn_fwd(cell, cast(x), cast(w_ih), cast(w_hh), cast(b), cast(b_hn), cast(h_0), cast(c_0),
+    result = rnn_fwd(cell, cast(x), [tuple(cast(t) for t in w[:4]) for w in weights], cast(h_0), cast(c_0),
                      packer.packing if packer else None, batch_first, config, out=out, hn=hn, cn=cn)
     assert result[0] is out and result[1] is hn and result[2] is cn
     return result, ref
@@ -225,15 +223,14 @@ def run_backward(cell, *, T=4, B=3, I=5, H=17, D=2, dtype=torch.float64, config=
         x, g_out = packer.pack(x.detach()), packer.pack(g_out) if g_out is not None else None
         ref["x"] = packer.pack(ref["x"])
     cast = (lambda t: t.detach().to(dtype) if t is not None else None)
-    w_ih, w_hh, bias, b_hn = _stack_weights(cell, [tuple(cast(t) for t in w[:4]) for w in weights])
+    directions = [tuple(cast(t) for t in w[:4]) for w in weights]
     packing = packer.packing if packer else None
-    fwd = rnn_fwd(cell, cast(x), w_ih, w_hh.contiguous(), bias, b_hn, cast(h_0), cast(c_0), packing, batch_first,
-                  config, save=True)
+    fwd = rnn_fwd(cell, cast(x), directions, cast(h_0), cast(c_0), packing, batch_first, config, save=True)
     GR = 4 if cell == Cell.GRU else cell.gates
     dg = torch.full((*((packing.rows,) if packing else (T, B)), D, GR, H), math.nan, dtype=dtype, device=device)
     dh0 = torch.full((D, B, H), math.nan, dtype=dtype, device=device)
     dc0 = torch.full((D, B, H), math.nan, dtype=dtype, device=device)
-    res = rnn_bwd(cell, cast(x), w_ih, w_hh.contiguous(), cast(h_0), cast(c_0), packing, fwd.out, fwd.saved,
+    res = rnn_bwd(cell, cast(x), directions, cast(h_0), cast(c_0), packing, fwd.out, fwd.saved,
                   cast(g_out), cast(g_hn), cast(g_cn), batch_first, config=config, dg=dg, dh0=dh0, dc0=dc0)
     assert torch.isfinite(dg).all(), "a gate gradient was never written"
     ours = {"x": res.dx, "w_ih": res.dw_ih, "w_hh": res.dw_hh, "b_ih": res.db_ih, "b_hh": res.db_hh}

@@ -52,12 +52,12 @@ def test_pipelining_needs_a_streamed_reduction():
 
     flags = dict(has_h0=True, has_c0=True, packed=False, upcast=False, precision="ieee")
     streamed = KernelConfig(16, 16, k_block=32, fused_gates=True, num_stages=3)
-    assert kernel_meta(Cell.LSTM, 1, 100, streamed, has_bhn=False, **flags)["STAGES"] == 3
+    assert kernel_meta(Cell.LSTM, 1, 100, streamed, has_bhh=False, **flags)["STAGES"] == 3
     assert backward_meta(Cell.LSTM, 1, 100, streamed, has_dout=True, has_dhn=True, has_dcn=True, **flags)["STAGES"] == 3
     for resident in (KernelConfig(16, 16, fused_gates=True, num_stages=2),
                      KernelConfig(16, 16, k_block=128, fused_gates=True, num_stages=2)):  # 128 >= H padded
         with pytest.raises(ValueError, match="num_stages=2 pipelines the K-chunk loop"):
-            kernel_meta(Cell.LSTM, 1, 100, resident, has_bhn=False, **flags)
+            kernel_meta(Cell.LSTM, 1, 100, resident, has_bhh=False, **flags)
     with pytest.raises(ValueError, match="num_stages=2 pipelines the K-chunk loop"):
         backward_meta(Cell.LSTM, 1, 100, KernelConfig(16, 16, num_stages=2), has_dout=True, has_dhn=True, has_dcn=True,
                       **flags)
@@ -149,7 +149,7 @@ def test_no_tuning_off_cuda(monkeypatch, tmp_path):
     monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x = torch.randn(3, 2, 4)
-    layer = _Layer(2, x, torch.randn(4 * 8, 4), torch.randn(1, 4 * 8, 8), None, None, None, None, None, False)
+    layer = _Layer(2, x, [(torch.randn(4 * 8, 4), torch.randn(4 * 8, 8), None, None)], None, None, None, False)
     assert _tuned_or_default(layer) == layer.default_config()
     assert not os.listdir(tmp_path)
 
@@ -165,7 +165,7 @@ def test_tuning_times_every_candidate_and_caches_the_winner(monkeypatch, tmp_pat
     monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)
     H = 72  # pads to 128 > the streamed chunk: resident, streamed and pipelined candidates
-    layer = _Layer(Cell.LSTM, torch.randn(2, 5, 4), torch.randn(4 * H, 4), torch.randn(1, 4 * H, H), None, None,
+    layer = _Layer(Cell.LSTM, torch.randn(2, 5, 4), [(torch.randn(4 * H, 4), torch.randn(4 * H, H), None, None)],
                    None, None, None, False)
     candidates = candidate_configs(H, 5, 4, 4, 1)
     assert any(c.num_stages > 1 for c in candidates) and any(c.k_block is None for c in candidates)

@@ -17,7 +17,6 @@ from kernels.backward import rnn_bwd
 from kernels.cells import Cell
 from kernels.forward import rnn_fwd
 from kernels.packing import Packing
-from rnn.ops import stack_weights as _stack_weights
 
 pytestmark = pytest.mark.interpreter
 
@@ -44,18 +43,26 @@ def _packing(layout, device):
     return Packing.from_batch_sizes(PACKED_BATCH_SIZES, device) if layout == "packed" else None
 
 
+WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
+
+
 def _forward_args(cell, device, packing=None):
+    """x, h0, c0 and each direction's weights as "w_ih.0", "w_hh.1"..."""
     weights = _weights(cell, I, H, D, True, device)
-    w_ih, w_hh, bias, b_hn = _stack_weights(cell, [w[:4] for w in weights])
     rows = (packing.rows,) if packing is not None else (T, B)
-    return dict(x=torch.randn(*rows, I, dtype=torch.float64, device=device), w_ih=w_ih, w_hh=w_hh.contiguous(),
-                bias=bias, b_hn=b_hn, h0=torch.randn(D, B, H, dtype=torch.float64, device=device),
+    args = dict(x=torch.randn(*rows, I, dtype=torch.float64, device=device),
+                h0=torch.randn(D, B, H, dtype=torch.float64, device=device),
                 c0=torch.randn(D, B, H, dtype=torch.float64, device=device) if cell == Cell.LSTM else None)
+    args.update({f"{name}.{d}": w[i] for d, w in enumerate(weights) for i, name in enumerate(WEIGHTS)})
+    return args
+
+
+def _directions(args):
+    return [tuple(args[f"{name}.{d}"] for name in WEIGHTS) for d in range(D)]
 
 
 def _run_forward(cell, args, packing=None):
-    return rnn_fwd(cell, args["x"], args["w_ih"], args["w_hh"], args["bias"], args["b_hn"], args["h0"], args["c0"],
-                   packing, False, save=True)
+    return rnn_fwd(cell, args["x"], _directions(args), args["h0"], args["c0"], packing, False, save=True)
 
 
 def _assert_equal(name, ours, dense):
@@ -93,13 +100,15 @@ def test_backward_takes_any_layout(cell, sequences, kernel_device):
     packing = _packing(sequences, kernel_device)
     fwd_args = _forward_args(cell, kernel_device, packing)
     fwd = _run_forward(cell, fwd_args, packing)
-    args = dict(x=fwd_args["x"], w_ih=fwd_args["w_ih"], w_hh=fwd_args["w_hh"], h0=fwd_args["h0"],
-                c0=fwd_args["c0"], out=fwd.out, saved=fwd.saved, d_out=torch.randn_like(fwd.out),
+    args = dict(fwd_args, out=fwd.out, saved=fwd.saved, d_out=torch.randn_like(fwd.out),
                 d_hn=torch.randn_like(fwd.h_n), d_cn=torch.randn_like(fwd.h_n) if cell == Cell.LSTM else None)
+    for d in range(D):  # the backward reads no bias
+        del args[f"b_ih.{d}"], args[f"b_hh.{d}"]
 
     def run(a):
-        return rnn_bwd(cell, a["x"], a["w_ih"], a["w_hh"], a["h0"], a["c0"], packing, a["out"], a["saved"],
-                       a["d_out"], a["d_hn"], a["d_cn"], False)
+        weights = [(a[f"w_ih.{d}"], a[f"w_hh.{d}"], None, None) for d in range(D)]
+        return rnn_bwd(cell, a["x"], weights, a["h0"], a["c0"], packing, a["out"], a["saved"], a["d_out"],
+                       a["d_hn"], a["d_cn"], False)
 
     for name, value in args.items():
         if value is None:
@@ -115,12 +124,17 @@ def test_wrong_shapes_are_errors(kernel_device):
     args = _forward_args(Cell.LSTM, kernel_device)
     with pytest.raises(ValueError, match="h0 must have shape"):
         _run_forward(Cell.LSTM, dict(args, h0=args["h0"][:, :1]))
-    with pytest.raises(ValueError, match="w_ih must have shape"):
-        _run_forward(Cell.LSTM, dict(args, w_ih=args["w_ih"][:-1]))
+    for name in WEIGHTS:
+        with pytest.raises(ValueError, match=f"{name} must have shape"):
+            _run_forward(Cell.LSTM, dict(args, **{f"{name}.1": args[f"{name}.1"][:-1]}))
+    with pytest.raises(ValueError, match="every direction has b_hh or none"):
+        _run_forward(Cell.LSTM, dict(args, **{"b_hh.1": None}))
+    with pytest.raises(ValueError, match="one or two directions"):
+        rnn_fwd(Cell.LSTM, args["x"], _directions(args) * 2, None, None, None, False)
     fwd = _run_forward(Cell.LSTM, args)
+    weights = _directions(args)
     with pytest.raises(ValueError, match="d_hn must have shape"):
-        rnn_bwd(Cell.LSTM, args["x"], args["w_ih"], args["w_hh"], None, None, None, fwd.out, fwd.saved, None,
+        rnn_bwd(Cell.LSTM, args["x"], weights, None, None, None, fwd.out, fwd.saved, None,
                 torch.ones(1, 1, 1, dtype=torch.float64, device=kernel_device), None, False)
     with pytest.raises(ValueError, match="d_out must have the shape"):
-        rnn_bwd(Cell.LSTM, args["x"], args["w_ih"], args["w_hh"], None, None, None, fwd.out, fwd.saved,
-                fwd.out[:1], None, None, False)
+        rnn_bwd(Cell.LSTM, args["x"], weights, None, None, None, fwd.out, fwd.saved, fwd.out[:1], None, None, False)
