@@ -60,9 +60,11 @@ class _StubKernel:
         return launch
 
 
-def measure(cell: str, layers: int, bidirectional: bool, T: int, B: int, H: int, repeats: int = 7, calls: int = 300):
+def measure(cell: str, layers: int, bidirectional: bool, T: int, B: int, H: int, repeats: int = 7, calls: int = 300,
+            bias: bool = True):
+    """({launching aten op: count}, Triton launches, best host microseconds) of one inference call."""
     torch.manual_seed(0)
-    model = getattr(rnn, cell)(H, H, num_layers=layers, bidirectional=bidirectional)
+    model = getattr(rnn, cell)(H, H, num_layers=layers, bidirectional=bidirectional, bias=bias)
     x = torch.randn(T, B, H)
     real, stub = forward.rnn_fwd_kernel, _StubKernel()
     with torch.no_grad():
