@@ -184,3 +184,32 @@ def test_export_records_torch_nn_portable_graph(strict):
     with torch.no_grad():
         assert torch.allclose(program.module()(x2), model(x2), rtol=1e-5, atol=1e-6)
         assert torch.allclose(program.module()(x2), twin(x2), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("cell", [rnn.LSTM, rnn.GRU, rnn.RNN], ids=["LSTM", "GRU", "RNN"])
+def test_onnx_export_runs_in_onnxruntime(cell, dynamo):
+    """torch.onnx.export, both exporters, records torch.nn's op, which ONNX maps to its own RNN
+    operators: the file runs in onnxruntime, without torch or our kernels, and equals our model.
+    The TorchScript exporter's file takes any sequence length; torch.export (under the dynamo
+    exporter) specializes the length for torch.nn's twin as well, so that file keeps its own."""
+    import io
+
+    import onnxruntime
+
+    torch.manual_seed(5)
+    model = Tagger(cell, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(2, 5, 3)
+    if dynamo:
+        data = torch.onnx.export(model, (x,), dynamo=True).model_proto.SerializeToString()
+    else:
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False, input_names=["x"], dynamic_axes={"x": {1: "time"}})
+        data = buffer.getvalue()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    for steps in (5,) if dynamo else (5, 9):
+        x_new = torch.randn(2, steps, 3)
+        with torch.no_grad():
+            expected = model(x_new)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x_new.numpy()})
+        assert torch.allclose(torch.from_numpy(got), expected, rtol=1e-5, atol=1e-6), steps
