@@ -11,7 +11,7 @@ from kernels import env
 from kernels.cells import Cell
 from kernels.forward import SUPPORTED_DTYPES, LaunchInfo
 from rnn import reference
-from rnn.ops import FusedLayer, group_weights, layer_backend
+from rnn.ops import FusedLayer, group_weights, layer_backend, layer_inference
 
 
 @dataclass
@@ -81,9 +81,12 @@ def rnn(cell: Cell, input, hx, flat_weights, *, num_layers: int, bidirectional: 
             if compiling:  # the op's registered autograd: one graph node (see rnn/ops.py)
                 x, h_n, c_n, *_ = torch.ops.rnn.layer_fwd(x, *states, flat, batch_sizes, int(cell), has_bias,
                                                           proj_size > 0, save, path.backend)
-            else:
+            elif save:
                 x, h_n, c_n, *_ = FusedLayer.apply(x, *states, batch_sizes, int(cell), has_bias, proj_size > 0, save,
                                                    path, *flat)
+            else:
+                x, h_n, c_n, *_ = layer_inference(x, *states, batch_sizes, int(cell), has_bias, proj_size > 0, path,
+                                                  flat)
         h_ns.append(h_n)
         c_ns.append(c_n)
         if dropout and training and layer < num_layers - 1:
