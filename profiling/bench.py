@@ -2,13 +2,14 @@
 
     python -m profiling.bench [--suite NAME] [--out DIR] [--cells lstm,gru] [--dtypes bf16]
                               [--hidden 256,512] [--batch 1,8] [--seq 512] [--impls ours,cudnn]
-                              [--device cpu]
+                              [--device cpu] [--record]
 
 Without --suite: ``quick`` on a machine with CUDA, ``cpu`` elsewhere. The ``cpu`` suite runs on
 the CPU (ours on its CPU path against torch.nn on the CPU) and every row says device=cpu; the
 other suites measure GPUs, or, with --device cpu, run their cases on the CPU the same way (e.g.
 ``--suite overhead --device cpu``). The ``overhead`` suite adds host time and GPU launches per
-call. The CSV schema is documented in profiling/report.py.
+call. The CSV schema is documented in profiling/report.py. --record keeps the run in
+benchmarks/results/ with its provenance (profiling/record.py) instead of --out.
 """
 import argparse
 import datetime
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from profiling import report
+from profiling import record, report
 from profiling.cases import HOST_SUITES, SUITE_IMPLS, SUITES, select
 from profiling.impls import BASELINE, REGISTRY
 from profiling.measure import host_us, launches_per_call, peak_memory_mib, time_ms
@@ -34,6 +35,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m profiling.bench", description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=list(SUITES), help="default: quick with CUDA, cpu without")
     p.add_argument("--out", default="reports", help="output folder (default: reports/)")
+    p.add_argument("--record", action="store_true",
+                   help="keep the run in benchmarks/results/<date>-<device>-<suite>/ (git-tracked) instead of --out")
+    p.add_argument("--results", default=str(record.RESULTS), help=argparse.SUPPRESS)  # tests record elsewhere
     p.add_argument("--cells", type=lambda s: _list(s.upper()), help="e.g. lstm,gru,rnn_tanh")
     p.add_argument("--dtypes", type=_list, help="e.g. bf16,fp16,fp32,tf32")
     p.add_argument("--hidden", type=lambda s: _list(s, int), help="hidden sizes (input size follows)")
@@ -122,6 +126,7 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         print(f"No GPU figures: the {suite} suite times ours (its CPU path) against torch.nn on the CPU.")
     meta = report.run_metadata(device, suite)
+    provenance = record.provenance(meta, list(sys.argv[1:] if argv is None else argv)) if args.record else None
     print(f"{len(cases)} cases x {len(impls)} implementations ({', '.join(impls)}) on {meta['device']}")
 
     rows, start = [], time.time()
@@ -131,22 +136,29 @@ def main(argv=None) -> int:
         print(f"[{i}/{len(cases)}] {case.id} ({elapsed:.0f}s elapsed{left})", flush=True)
         rows += measure_case(case, impls, device, meta, args.warmup_ms, args.rep_ms, host=suite in HOST_SUITES)
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    stem = f"bench-{suite}-{stamp}"
     frame = report.to_frame(rows)
-    csv_path = out_dir / f"{stem}.csv"
+    if args.record:
+        out_dir = record.run_dir(meta, Path(args.results))
+        csv_path, md_path, stem = out_dir / record.CSV_NAME, out_dir / record.SUMMARY_NAME, record.PLOT_STEM
+        record.write_meta(out_dir, provenance)
+    else:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        stem = f"bench-{suite}-{stamp}"
+        csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     frame.to_csv(csv_path, index=False)
     table = report.summary(frame, BASELINE[device.type])
     md = report.markdown(table, f"{suite} on {meta['device']} (us per step; speed-up > 1: ours is faster)")
     failed = frame[(frame.status != "ok") & (frame.metric == "time_ms")]
     if len(failed):
         md += "\nNot measured:\n" + "".join(f"- {r.case_id} {r.impl}: {r.status}\n" for r in failed.itertuples())
-    (out_dir / f"{stem}.md").write_text(md)
+    md_path.write_text(md)
     pngs = report.plots(frame, out_dir, stem)
-    print(f"\nwrote {csv_path}, {out_dir / (stem + '.md')}" + (f" and {len(pngs)} plots" if pngs else
-                                                              " (no plots: matplotlib missing or one batch size)"))
+    print(f"\nwrote {csv_path}, {md_path}" + (f" and {len(pngs)} plots" if pngs else
+                                            " (no plots: matplotlib missing or one batch size)"))
+    if args.record:
+        print(f"recorded in {out_dir}: commit it, then `python -m profiling.publish` updates README.md")
     print()
     print(md)
     return 0

@@ -1,0 +1,82 @@
+"""Recorded benchmark runs (profiling/record.py) and README's Performance section generated from them
+(profiling/publish.py)."""
+import json
+import math
+import shutil
+
+import pandas as pd
+
+from profiling import bench, publish, record, report
+from profiling.cases import select
+
+
+def test_readme_performance_section_matches_the_records():
+    """README's block is exactly what benchmarks/results/ gives: no figure typed by hand."""
+    assert publish.main(["--check"]) == 0
+
+
+def test_record_keeps_a_cpu_run_with_its_provenance(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # ours on its CPU path (torch.nn's native), as a CPU user runs it
+    argv = ["--suite", "cpu", "--record", "--results", str(tmp_path), "--cells", "lstm", "--hidden", "8",
+            "--batch", "1,2", "--seq", "4", "--warmup-ms", "1", "--rep-ms", "2"]
+    assert bench.main(argv) == 0
+    assert bench.main(argv) == 0  # the same day's second run gets a folder of its own
+    runs = record.runs(tmp_path)
+    assert len(runs) == 2 and runs[0]["path"] != runs[1]["path"]
+    run = runs[0]
+    assert run["path"].name.startswith(run["timestamp"][:10] + "-cpu-cpu")
+    assert run["gpu"] is False and run["device"] == "cpu" and run["driver"] == ""
+    assert run["command"] == "python -m profiling.bench " + " ".join(argv)
+    assert run["git_dirty"] in (True, False) and len(run["git_commit"]) == 40
+    frame = pd.read_csv(run["path"] / record.CSV_NAME)
+    assert list(frame.columns) == report.SCHEMA and set(frame.device) == {"cpu"}
+    assert (frame[frame.metric == "us_per_step"].query("impl == 'ours' and status == 'ok'")["median"] > 0).all()
+    assert (run["path"] / record.SUMMARY_NAME).read_text().startswith("## cpu on cpu")
+    # A CPU run is on record but publishes nothing: the section still says no GPU run is recorded.
+    assert "No GPU run is recorded" in publish.render(tmp_path, tmp_path)
+
+
+def _gpu_run(root, suite, timestamp, us_per_step):
+    """A recorded run as a GPU session leaves it, with made-up times (ours, cudnn, cudnn_graph)."""
+    case = select(suite)[0]
+    meta = dict(timestamp=timestamp, git_commit="a" * 40, device="NVIDIA H100 80GB HBM3", torch_version="2.11",
+                triton_version="3.6.0", cudnn_version="91000", suite=suite)
+    rows = []
+    for impl, us in us_per_step.items():
+        ms = us * case.T / 1e3
+        rows += report.metric_rows(meta, case, impl, (ms, ms, ms), 10.0 if impl == "ours" else 20.0,
+                                   1e-3 if impl == "ours" else 0.0, {})
+    path = record.run_dir(meta, root)
+    report.to_frame(rows).to_csv(path / record.CSV_NAME, index=False)
+    (path / f"{record.PLOT_STEM}-LSTM-bf16.png").write_bytes(b"png")
+    record.write_meta(path, dict(meta, gpu=True, git_dirty=False, driver="570.1", command="python -m profiling.bench"))
+    return case
+
+
+def test_publish_takes_the_latest_gpu_run_of_each_suite(tmp_path):
+    results = tmp_path / "benchmarks" / "results"
+    _gpu_run(results, "quick", "2026-11-20T10:00:00+00:00", {"ours": 4.0, "cudnn": 8.0, "cudnn_graph": 6.0})
+    case = _gpu_run(results, "quick", "2026-11-21T10:00:00+00:00", {"ours": 2.0, "cudnn": 8.0, "cudnn_graph": 6.0})
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{publish.BEGIN}\nstale\n{publish.END}\n\n## after\n")
+    argv = ["--readme", str(readme), "--results", str(results)]
+    assert publish.main(argv + ["--check"]) == 1
+    assert publish.main(argv) == 0 and publish.main(argv + ["--check"]) == 0
+    text = readme.read_text()
+    assert text.startswith("# x\n\n") and text.endswith(f"{publish.END}\n\n## after\n") and "stale" not in text
+    block = text.split(publish.BEGIN)[1].split(publish.END)[0]
+    assert "2026-11-21" in block and "2026-11-20" not in block  # the latest run only
+    row = next(line for line in block.splitlines() if line.startswith(f"| {case.id} |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = next(line for line in block.splitlines() if line.startswith("| case |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    values = dict(zip(columns, cells))
+    assert math.isclose(float(values["speedup vs cudnn"]), 4.0) and math.isclose(
+        float(values["speedup vs cudnn_graph"]), 3.0) and math.isclose(float(values["memory vs cudnn"]), 0.5)
+    assert "benchmarks/results/2026-11-21-nvidia-h100-80gb-hbm3-quick/plot-LSTM-bf16.png" in block
+    # A newer CPU run changes nothing.
+    shutil.copytree(results / "2026-11-21-nvidia-h100-80gb-hbm3-quick", results / "2026-11-22-cpu-quick")
+    meta = json.loads((results / "2026-11-22-cpu-quick" / record.META_NAME).read_text())
+    record.write_meta(results / "2026-11-22-cpu-quick", dict(meta, timestamp="2026-11-22T00:00:00+00:00",
+                                                              gpu=False, device="cpu"))
+    assert publish.main(argv + ["--check"]) == 0
