@@ -78,6 +78,11 @@ def measure_case(case, impls, device, meta, warmup_ms, rep_ms, host=False) -> li
     ordered = sorted(impls, key=lambda name: name != baseline_name)  # the baseline first: errors need it
     for name in ordered:
         impl = REGISTRY[name]
+        if device.type not in impl.devices:
+            rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {},
+                                       status=f"not measured: needs {' or '.join(d.upper() for d in impl.devices)}",
+                                       host=unmeasured_host)
+            continue
         if not impl.supports(case):
             rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {}, status="unsupported",
                                        host=unmeasured_host)
@@ -122,7 +127,8 @@ def main(argv=None) -> int:
         print(f"unknown implementations {sorted(unknown)}; choose from {', '.join(REGISTRY)}", file=sys.stderr)
         return 2
     defaults = SUITE_IMPLS.get(suite) or [name for name in REGISTRY if not REGISTRY[name].opt_in]
-    impls = [name for name in (args.impls or defaults) if device.type in REGISTRY[name].devices]
+    # Entries that cannot run on this device still get rows, saying why (e.g. needs CUDA).
+    impls = list(args.impls or defaults)
     if device.type == "cpu":
         print(f"No GPU figures: the {suite} suite times ours (its CPU path) against torch.nn on the CPU.")
     meta = report.run_metadata(device, suite)
@@ -150,9 +156,7 @@ def main(argv=None) -> int:
     frame.to_csv(csv_path, index=False)
     table = report.summary(frame, BASELINE[device.type])
     md = report.markdown(table, f"{suite} on {meta['device']} (us per step; speed-up > 1: ours is faster)")
-    failed = frame[(frame.status != "ok") & (frame.metric == "time_ms")]
-    if len(failed):
-        md += "\nNot measured:\n" + "".join(f"- {r.case_id} {r.impl}: {r.status}\n" for r in failed.itertuples())
+    md += report.not_measured(frame)
     md_path.write_text(md)
     pngs = report.plots(frame, out_dir, stem)
     print(f"\nwrote {csv_path}, {md_path}" + (f" and {len(pngs)} plots" if pngs else

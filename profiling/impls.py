@@ -200,6 +200,25 @@ def build_torch_loop(case: Case, device) -> Runner:
     return _runner_for(CellLoop(module, case.cell), case_input(case, device), case)
 
 
+def build_compiled_loop(case: Case, device) -> Runner:
+    """The cell loop under torch.compile(mode="reduce-overhead"): what a user gets by compiling a
+    plain PyTorch loop (CUDA-graphed by inductor). The first call's seconds (tracing, compiling,
+    capturing) go to details["first_call_s"] and the config column, apart from the timed steps."""
+    torch._dynamo.reset()
+    module = torch_module(case, device)
+    x = case_input(case, device)
+    compiled = torch.compile(FirstOutput(CellLoop(module, case.cell)), mode="reduce-overhead")
+    runner = _runner_for(module, x, case, forward=compiled)
+    _sync(device)
+    start = time.perf_counter()
+    runner.step()
+    _sync(device)
+    first_call_s = time.perf_counter() - start
+    module.zero_grad(set_to_none=True)
+    runner.details = dict(first_call_s=first_call_s, config=f"compiled, first call {first_call_s:.2f} s")
+    return runner
+
+
 def _graphed(eager: Runner) -> Runner:
     """eager's step captured once in a CUDA graph and replayed: what a careful user does to remove
     launch overhead. Its memory is the graph's pool, measured while capturing."""
@@ -249,6 +268,11 @@ REGISTRY = {
     "torch_nn": Impl(build_torch_nn, "torch.nn on the CPU", ("cpu",)),
     "torch_loop": Impl(build_torch_loop, "plain PyTorch nn.*Cell loop over time", ("cuda", "cpu"),
                        supports=lambda case: not case.proj_size and not case.packed),  # cells: no projection
+    # Dynamo unrolls the loop over time: compiling takes seconds per case and grows with T, so it
+    # runs where named (--impls) and only up to 64 steps.
+    "compiled_loop": Impl(build_compiled_loop, "the cell loop under torch.compile(mode='reduce-overhead')",
+                          ("cuda",), opt_in=True,
+                          supports=lambda case: not case.proj_size and not case.packed and case.T <= 64),
 }
 
 # What the error column and the speed-up ratios compare against, per device type.

@@ -10,7 +10,7 @@ CSV (long format, one row per case x implementation x metric), columns in this o
 | torch_version, triton_version, cudnn_version | versions that ran (cudnn empty without CUDA) |
 | suite | the named suite |
 | case_id | e.g. ``LSTM-T512-B16-I512-H512-bf16-fwd`` |
-| impl | ours, ours_graph, ours_compiled, cudnn, cudnn_graph, torch_nn (CPU only), torch_loop |
+| impl | ours, ours_graph, ours_compiled, cudnn, cudnn_graph, torch_nn (CPU only), torch_loop, compiled_loop |
 | cell, T, B, input_size, hidden_size, num_layers, bidirectional, proj_size, dtype, pass, packed | the case (packed: lengths uniform in [T/4, T]) |
 | metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err; in the overhead suite also host_us, launches (see METRICS) |
 | unit | the metric's unit |
@@ -141,6 +141,22 @@ def markdown(table: pd.DataFrame, title: str) -> str:
     for case_id, row in table.iterrows():
         lines.append("| " + " | ".join([case_id] + [fmt(v) for v in row.tolist()]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def not_measured(frame: pd.DataFrame) -> str:
+    """Markdown list of what has no value and why: one line per implementation whose every case
+    failed for the same reason (e.g. needs CUDA), else one per case."""
+    times = frame[frame.metric == "time_ms"]
+    failed = times[times.status != "ok"]
+    if not len(failed):
+        return ""
+    lines = []
+    for impl, rows in failed.groupby("impl", sort=False):
+        if len(rows) == (times.impl == impl).sum() and rows.status.nunique() == 1:
+            lines.append(f"- {impl}: {rows.status.iloc[0]} (every case)\n")
+        else:
+            lines += [f"- {r.case_id} {impl}: {r.status}\n" for r in rows.itertuples()]
+    return "\nNot measured:\n" + "".join(lines)
 
 
 def plots(frame: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
