@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     md = report.markdown(table, f"{suite} on {meta['device']} (us per step; speed-up > 1: ours is faster)")
     md += report.not_measured(frame)
     md_path.write_text(md)
-    pngs = report.plots(frame, out_dir, stem)
+    pngs = report.plots(frame, out_dir, stem, BASELINE[device.type])
     print(f"\nwrote {csv_path}, {md_path}" + (f" and {len(pngs)} plots" if pngs else
                                             " (no plots: matplotlib missing or one batch size)"))
     if args.record:

@@ -30,6 +30,7 @@ import math
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -159,33 +160,67 @@ def not_measured(frame: pd.DataFrame) -> str:
     return "\nNot measured:\n" + "".join(lines)
 
 
-def plots(frame: pd.DataFrame, out_dir: Path, stem: str) -> list[Path]:
-    """us per step against batch, one line per implementation, one PNG per (cell, dtype, pass, H,
-    layers, directions) with at least two batch sizes. Empty when matplotlib is not installed."""
+def plots(frame: pd.DataFrame, out_dir: Path, stem: str, baseline: str | None = None) -> list[Path]:
+    """PNGs, one per (cell, dtype, pass, layers, directions, T, packed) group: us per step against
+    batch (one per hidden size) and against hidden size (one per batch), one line per
+    implementation, where the group has at least two of the swept value; and, given a
+    ``baseline``, a heat map of ours' speed-up over it on the hidden size x batch grid (where the
+    group has at least two of either). Empty when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import ticker
     except ImportError:
         return []
     data = frame[(frame.metric == "us_per_step") & (frame.status == "ok")]
     written = []
-    keys = ["cell", "dtype", "pass", "hidden_size", "num_layers", "bidirectional", "T", "packed"]
-    for key, group in data.groupby(keys):
-        if group.B.nunique() < 2:
+    group_keys = ["cell", "dtype", "pass", "num_layers", "bidirectional", "T", "packed"]
+    for key, group in data.groupby(group_keys):
+        cell, dtype, pass_, L, bi, T, packed = key
+        label = f"{cell} L={L}{' bi' if bi else ''} T={T}{' packed' if packed else ''} {dtype} {pass_}"
+        name = f"{cell}-L{L}{'-bi' if bi else ''}-T{T}{'-packed' if packed else ''}-{dtype}-{pass_}"
+        for swept, fixed, axis in (("B", "hidden_size", "batch"), ("hidden_size", "B", "hidden size")):
+            for value, lines in group.groupby(fixed):
+                if lines[swept].nunique() < 2:
+                    continue
+                fig, ax = plt.subplots(figsize=(5, 3.5))
+                for impl, line in lines.groupby("impl"):
+                    line = line.sort_values(swept)
+                    ax.plot(line[swept], line["median"], marker="o", label=impl)
+                short = "H" if fixed == "hidden_size" else "B"
+                ax.set(xscale="log", yscale="log", xlabel=axis, ylabel="us per step", title=f"{label} {short}={value}")
+                ticks = sorted(lines[swept].unique())
+                ax.set_xticks(ticks, [str(t) for t in ticks])
+                ax.minorticks_off()
+                # Labelled 1-2-5 ticks: a range inside one decade would otherwise show no label.
+                ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+                ax.legend()
+                # The batch plots keep their earlier names; the hidden-size plots say "vs-H".
+                path = out_dir / (f"{stem}-{cell}-H{value}-{name.split('-', 1)[1]}.png" if swept == "B"
+                                  else f"{stem}-{cell}-vs-H-B{value}-{name.split('-', 1)[1]}.png")
+                fig.tight_layout()
+                fig.savefig(path, dpi=100)
+                plt.close(fig)
+                written.append(path)
+        if baseline is None:
             continue
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for impl, lines in group.groupby("impl"):
-            lines = lines.sort_values("B")
-            ax.plot(lines.B, lines["median"], marker="o", label=impl)
-        cell, dtype, pass_, H, L, bi, T, packed = key
-        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="us per step",
-               title=f"{cell} H={H} L={L}{' bi' if bi else ''} T={T}{' packed' if packed else ''} {dtype} {pass_}")
-        batches = sorted(group.B.unique())
-        ax.set_xticks(batches, [str(b) for b in batches])
-        ax.minorticks_off()
-        ax.legend()
-        path = out_dir / f"{stem}-{cell}-H{H}-L{L}{'-bi' if bi else ''}-T{T}{'-packed' if packed else ''}-{dtype}-{pass_}.png"
+        times = group.pivot_table(index=["hidden_size", "B"], columns="impl", values="median")
+        if "ours" not in times or baseline not in times or (group.hidden_size.nunique() < 2 and group.B.nunique() < 2):
+            continue
+        speedup = (times[baseline] / times["ours"]).unstack("B")  # rows: hidden size, columns: batch
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.9 * speedup.shape[1]), 1.5 + 0.6 * speedup.shape[0]))
+        image = ax.imshow(speedup.values, cmap="RdYlGn", vmin=0, vmax=2, origin="lower", aspect="auto")
+        ax.set_xticks(range(speedup.shape[1]), [str(b) for b in speedup.columns])
+        ax.set_yticks(range(speedup.shape[0]), [str(h) for h in speedup.index])
+        for (i, j), v in np.ndenumerate(speedup.values):
+            if not math.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set(xlabel="batch", ylabel="hidden size")
+        ax.set_title(f"ours' speed-up vs {baseline}\n{label}", fontsize=9)
+        fig.colorbar(image, ax=ax)
+        path = out_dir / f"{stem}-{cell}-speedup-{name.split('-', 1)[1]}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -138,12 +138,20 @@ def test_plots(tmp_path):
     pytest.importorskip("matplotlib")  # optional at run time; the profiling extra installs it
     case_rows = []
     meta = report.run_metadata(torch.device("cpu"), "cpu")
-    for B in (1, 4):
-        case = Case("GRU", T=8, B=B, input_size=4, hidden_size=4, dtype="fp32")
-        for impl, ms in (("ours", 1.0), ("torch_nn", 2.0)):
-            case_rows += report.metric_rows(meta, case, impl, (ms * B, ms, ms * 2), math.nan, 0.0, {})
-    written = report.plots(report.to_frame(case_rows), tmp_path, "t")
-    assert len(written) == 1 and written[0].stat().st_size > 1000
+    for H in (4, 8):
+        for B in (1, 4):
+            case = Case("GRU", T=8, B=B, input_size=H, hidden_size=H, dtype="fp32")
+            for impl, ms in (("ours", 1.0), ("torch_nn", 2.0)):
+                case_rows += report.metric_rows(meta, case, impl, (ms * B, ms, ms * 2), math.nan, 0.0, {})
+    case_rows += report.metric_rows(meta, Case("LSTM", T=8, B=1, input_size=4, hidden_size=4, dtype="fp32"),
+                                    "ours", (1.0, 1.0, 1.0), math.nan, 0.0, {})  # a single point: no plot
+    written = report.plots(report.to_frame(case_rows), tmp_path, "t", baseline="torch_nn")
+    names = sorted(p.name for p in written)
+    assert names == sorted(["t-GRU-H4-L1-T8-fp32-fwd.png", "t-GRU-H8-L1-T8-fp32-fwd.png",  # against batch
+                            "t-GRU-vs-H-B1-L1-T8-fp32-fwd.png", "t-GRU-vs-H-B4-L1-T8-fp32-fwd.png",  # hidden size
+                            "t-GRU-speedup-L1-T8-fp32-fwd.png"])  # the H x B heat map
+    assert all(p.stat().st_size > 1000 for p in written)
+    assert report.plots(report.to_frame(case_rows), tmp_path, "u") and not list(tmp_path.glob("u-*speedup*"))
 
 
 def test_registry_has_the_graph_and_compiled_entries():
