@@ -89,8 +89,12 @@ def measure_case(case, impls, device, meta, warmup_ms, rep_ms, host=False) -> li
             continue
         try:
             with _precision(case.dtype):
+                start = time.perf_counter()
                 runner = impl.build(case, device)
                 outputs[name] = runner.output()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first_call_s = time.perf_counter() - start  # what a user waits for the first result
                 times = time_ms(runner.step, device, warmup_ms, rep_ms)
                 memory = peak_memory_mib(runner, device)
                 if host:
@@ -100,7 +104,8 @@ def measure_case(case, impls, device, meta, warmup_ms, rep_ms, host=False) -> li
                     host_values = None
             ref = outputs.get(baseline_name)
             err = _rel_err(outputs[name], ref) if ref is not None else math.nan
-            rows += report.metric_rows(meta, case, name, times, memory, err, runner.details, host=host_values)
+            rows += report.metric_rows(meta, case, name, times, memory, err, runner.details, host=host_values,
+                                       first_call_s=first_call_s)
         except Exception as exc:  # one failing implementation must not end the run
             status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {}, status=status,

@@ -12,7 +12,7 @@ CSV (long format, one row per case x implementation x metric), columns in this o
 | case_id | e.g. ``LSTM-T512-B16-I512-H512-bf16-fwd`` |
 | impl | ours, ours_graph, ours_compiled, cudnn, cudnn_graph, torch_nn (CPU only), torch_loop, compiled_loop |
 | cell, T, B, input_size, hidden_size, num_layers, bidirectional, proj_size, dtype, pass, packed | the case (packed: lengths uniform in [T/4, T]) |
-| metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err; in the overhead suite also host_us, launches (see METRICS) |
+| metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err, first_call_s; in the overhead suite also host_us, launches (see METRICS) |
 | unit | the metric's unit |
 | median, p20, p80 | the value: median and 20th/80th percentiles over timed repeats (memory, error, launches: one value in median) |
 | backend, config | for ours (and ours_graph, ours_compiled): which path ran and each layer's kernel partition (forward; backward too in fwdbwd cases); ours_compiled's config starts with its first call's seconds (trace, compile, tuning) |
@@ -45,6 +45,7 @@ METRICS = {
     "rel_err": "1",  # ||output - baseline output|| / ||baseline output|| on the same inputs
     "host_us": "us",  # host time per call, call to return (HOST_SUITES only)
     "launches": "1/call",  # GPU kernels + memsets + memcpys per call; NaN on the CPU (HOST_SUITES only)
+    "first_call_s": "s",  # building the implementation and its first result: compiling, tuning, capturing
 }
 HOST_METRICS = ("host_us", "launches")
 CASE_COLUMNS = ["cell", "T", "B", "input_size", "hidden_size", "num_layers", "bidirectional", "proj_size",
@@ -74,7 +75,7 @@ def run_metadata(device: torch.device, suite: str) -> dict:
 
 
 def metric_rows(meta: dict, case: Case, impl: str, times, memory: float, rel_err: float, details: dict,
-                status: str = "ok", host=None) -> list[dict]:
+                status: str = "ok", host=None, first_call_s: float = math.nan) -> list[dict]:
     """The rows of one (case, implementation); ``times`` is (median, p20, p80) in ms or None.
     ``host``, only in suites that measure it: ((median, p20, p80) host us per call, launches per
     call), NaN where not measured; the rows then include HOST_METRICS."""
@@ -91,6 +92,7 @@ def metric_rows(meta: dict, case: Case, impl: str, times, memory: float, rel_err
         "tflops": tuple(flops / (t / 1e3) / 1e12 for t in (med, p80, p20)),
         "peak_mem_mib": (memory, math.nan, math.nan),
         "rel_err": (rel_err, math.nan, math.nan),
+        "first_call_s": (first_call_s, math.nan, math.nan),
     }
     if host is not None:
         host_us, launches = host
@@ -123,6 +125,9 @@ def summary(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
         table[f"memory vs {baseline}"] = memory["ours"] / memory[baseline]
     if "ours" in errors:
         table["ours rel_err"] = errors["ours"]
+    first = ok[ok.metric == "first_call_s"].pivot_table(index="case_id", columns="impl", values="median", sort=False)
+    if "ours" in first:
+        table["ours first call s"] = first["ours"]
     for metric, label in (("host_us", "host us"), ("launches", "launches")):
         per_impl = ok[ok.metric == metric].pivot_table(index="case_id", columns="impl", values="median", sort=False)
         for impl in per_impl.columns:

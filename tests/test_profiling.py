@@ -82,8 +82,10 @@ def test_cell_loop_matches_torch_nn():
 def test_metric_rows_follow_the_schema():
     case = Case("LSTM", T=4, B=2, input_size=3, hidden_size=5, dtype="fp32")
     meta = report.run_metadata(torch.device("cpu"), "cpu")
-    rows = report.metric_rows(meta, case, "ours", (2.0, 1.0, 3.0), math.nan, 1e-7, {"backend": "reference"})
+    rows = report.metric_rows(meta, case, "ours", (2.0, 1.0, 3.0), math.nan, 1e-7, {"backend": "reference"},
+                              first_call_s=1.5)
     frame = report.to_frame(rows)
+    assert frame.set_index("metric").loc["first_call_s", "median"] == 1.5
     assert list(frame.columns) == report.SCHEMA
     assert set(frame.metric) == set(report.METRICS) - set(report.HOST_METRICS)  # only host suites write them
     with_host = report.to_frame(report.metric_rows(meta, case, "ours", (2.0, 1.0, 3.0), math.nan, 1e-7, {},
@@ -121,10 +123,12 @@ def test_cpu_suite_end_to_end(tmp_path, capsys):
     assert (times["median"] > 0).all() and (times.p20 <= times.p80).all()
     errors = frame[(frame.metric == "rel_err") & (frame.impl == "ours")]
     assert (errors["median"] < 1e-5).all()
+    firsts = frame[(frame.metric == "first_call_s") & (frame.status == "ok")]
+    assert len(firsts) and (firsts["median"] > 0).all()  # every measured entry's first result took time
     ours = frame[frame.impl == "ours"]
     assert set(ours.backend) <= {"reference", "triton", "native"} and ours.backend.notna().all()
     out = capsys.readouterr().out
-    assert "No GPU figures" in out and "speedup vs torch_nn" in out
+    assert "No GPU figures" in out and "speedup vs torch_nn" in out and "ours first call s" in out
     assert "- cudnn: not measured: needs CUDA (every case)" in out
 
 
