@@ -23,7 +23,7 @@ import torch
 
 from profiling import record, report
 from profiling.cases import HOST_SUITES, SUITE_IMPLS, SUITES, select
-from profiling.impls import BASELINE, REGISTRY
+from profiling.impls import BASELINE, REGISTRY, seconds
 from profiling.measure import host_us, launches_per_call, peak_memory_mib, time_ms
 
 
@@ -69,6 +69,18 @@ def _rel_err(ours, ref) -> float:
     return ((ours - ref).norm() / ref.norm()).item()
 
 
+def _first_result(impl, case, device):
+    """(runner, its first output, seconds from building it to that output: what a user waits)."""
+    built = {}
+
+    def work():
+        built["runner"] = impl.build(case, device)
+        built["output"] = built["runner"].output()
+
+    elapsed = seconds(work, device)
+    return built["runner"], built["output"], elapsed
+
+
 def measure_case(case, impls, device, meta, warmup_ms, rep_ms, host=False) -> list[dict]:
     """The rows of every implementation on one case; ``host``: also host_us and launches."""
     rows = []
@@ -89,12 +101,7 @@ def measure_case(case, impls, device, meta, warmup_ms, rep_ms, host=False) -> li
             continue
         try:
             with _precision(case.dtype):
-                start = time.perf_counter()
-                runner = impl.build(case, device)
-                outputs[name] = runner.output()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                first_call_s = time.perf_counter() - start  # what a user waits for the first result
+                runner, outputs[name], first_call_s = _first_result(impl, case, device)
                 times = time_ms(runner.step, device, warmup_ms, rep_ms)
                 memory = peak_memory_mib(runner, device)
                 if host:

@@ -134,11 +134,7 @@ def build_ours_compiled(case: Case, device) -> Runner:
     model = rnn.from_torch(torch_module(case, device))
     x = case_input(case, device)
     runner = _runner_for(model, x, case, forward=rnn.compile(FirstOutput(model)))
-    _sync(device)
-    start = time.perf_counter()
-    runner.step()
-    _sync(device)
-    first_call_s = time.perf_counter() - start
+    first_call_s = seconds(runner.step, device)
     # Compiled calls leave no last_path: an eager pass of the same module names the kernels its ops run.
     _first_pass(_runner_for(model, x, case), case)
     details = _describe_path(model.last_path)
@@ -146,6 +142,16 @@ def build_ours_compiled(case: Case, device) -> Runner:
     runner.details = dict(details, first_call_s=first_call_s,
                           config=f"compiled, first call {first_call_s:.2f} s; {details['config']}")
     return runner
+
+
+def seconds(work, device) -> float:
+    """Wall-clock seconds of work() with the device's queue drained before and after: what a
+    user waits (first calls: compiling, tuning, capturing)."""
+    _sync(device)
+    start = time.perf_counter()
+    work()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _sync(device):
@@ -209,11 +215,7 @@ def build_compiled_loop(case: Case, device) -> Runner:
     x = case_input(case, device)
     compiled = torch.compile(FirstOutput(CellLoop(module, case.cell)), mode="reduce-overhead")
     runner = _runner_for(module, x, case, forward=compiled)
-    _sync(device)
-    start = time.perf_counter()
-    runner.step()
-    _sync(device)
-    first_call_s = time.perf_counter() - start
+    first_call_s = seconds(runner.step, device)
     module.zero_grad(set_to_none=True)
     runner.details = dict(first_call_s=first_call_s, config=f"compiled, first call {first_call_s:.2f} s")
     return runner

@@ -184,7 +184,7 @@ def plots(frame: pd.DataFrame, out_dir: Path, stem: str, baseline: str | None = 
     for key, group in data.groupby(group_keys):
         cell, dtype, pass_, L, bi, T, packed = key
         label = f"{cell} L={L}{' bi' if bi else ''} T={T}{' packed' if packed else ''} {dtype} {pass_}"
-        name = f"{cell}-L{L}{'-bi' if bi else ''}-T{T}{'-packed' if packed else ''}-{dtype}-{pass_}"
+        rest = f"L{L}{'-bi' if bi else ''}-T{T}{'-packed' if packed else ''}-{dtype}-{pass_}"  # of file names
         for swept, fixed, axis in (("B", "hidden_size", "batch"), ("hidden_size", "B", "hidden size")):
             for value, lines in group.groupby(fixed):
                 if lines[swept].nunique() < 2:
@@ -203,8 +203,8 @@ def plots(frame: pd.DataFrame, out_dir: Path, stem: str, baseline: str | None = 
                 ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
                 ax.legend()
                 # The batch plots keep their earlier names; the hidden-size plots say "vs-H".
-                path = out_dir / (f"{stem}-{cell}-H{value}-{name.split('-', 1)[1]}.png" if swept == "B"
-                                  else f"{stem}-{cell}-vs-H-B{value}-{name.split('-', 1)[1]}.png")
+                path = out_dir / (f"{stem}-{cell}-H{value}-{rest}.png" if swept == "B"
+                                  else f"{stem}-{cell}-vs-H-B{value}-{rest}.png")
                 fig.tight_layout()
                 fig.savefig(path, dpi=100)
                 plt.close(fig)
@@ -225,7 +225,7 @@ def plots(frame: pd.DataFrame, out_dir: Path, stem: str, baseline: str | None = 
         ax.set(xlabel="batch", ylabel="hidden size")
         ax.set_title(f"ours' speed-up vs {baseline}\n{label}", fontsize=9)
         fig.colorbar(image, ax=ax)
-        path = out_dir / f"{stem}-{cell}-speedup-{name.split('-', 1)[1]}.png"
+        path = out_dir / f"{stem}-{cell}-speedup-{rest}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -532,9 +532,7 @@ class FusedLayer(_FusedFunction):
 
     @staticmethod
     def forward(x, h0, c0, batch_sizes, cell, has_bias, proj, save, path, *weights):
-        fwd = layer_fwd_impl if _direct(x) else torch.ops.rnn.layer_fwd
-        with recording(path.launches):
-            return fwd(x, h0, c0, list(weights), batch_sizes, cell, has_bias, proj, save, path.backend)
+        return _call_forward(path, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -563,9 +561,13 @@ def layer_inference(x, h0, c0, batch_sizes, cell: int, has_bias: bool, proj: boo
     on the CPU), unless a torch.func transform is active (FusedLayer holds its vmap rule)."""
     if torch._C._are_functorch_transforms_active():
         return FusedLayer.apply(x, h0, c0, batch_sizes, cell, has_bias, proj, False, path, *weights)
+    return _call_forward(path, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, False)
+
+
+def _call_forward(path, x, h0, c0, weights, batch_sizes, cell, has_bias, proj, save):
     fwd = layer_fwd_impl if _direct(x) else torch.ops.rnn.layer_fwd
     with recording(path.launches):
-        return fwd(x, h0, c0, list(weights), batch_sizes, cell, has_bias, proj, False, path.backend)
+        return fwd(x, h0, c0, list(weights), batch_sizes, cell, has_bias, proj, save, path.backend)
 
 
 def _call_backward(path, flags, x, h0, c0, batch_sizes, hidden, saved, hidden_n, d_out, d_hn, d_cn,
