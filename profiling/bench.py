@@ -95,6 +95,11 @@ def measure_case(case, impls, device, meta, warmup_ms, rep_ms, host=False) -> li
                                        status=f"not measured: needs {' or '.join(d.upper() for d in impl.devices)}",
                                        host=unmeasured_host)
             continue
+        reason = impl.unavailable()
+        if reason:
+            rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {},
+                                       status=f"not measured: {reason}", host=unmeasured_host)
+            continue
         if not impl.supports(case):
             rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {}, status="unsupported",
                                        host=unmeasured_host)

@@ -4,6 +4,7 @@ Every entry builds, for a case, a ``Runner``: a zero-argument ``step`` that does
 the output of one pass for the error column. All entries of a case share the same weights (one
 torch.nn module seeded the same way) and inputs.
 """
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -13,7 +14,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import rnn
 from kernels.configs import describe
+from profiling import flashrnn_peer
 from profiling.cases import Case
+from profiling.measure import time_ms
 
 TORCH_MODULES = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN_TANH": torch.nn.RNN, "RNN_RELU": torch.nn.RNN}
 TORCH_CELLS = {"LSTM": torch.nn.LSTMCell, "GRU": torch.nn.GRUCell, "RNN_TANH": torch.nn.RNNCell,
@@ -221,6 +224,33 @@ def build_compiled_loop(case: Case, device) -> Runner:
     return runner
 
 
+def build_flashrnn(case: Case, device) -> Runner:
+    """FlashRNN (profiling.flashrnn_peer) on the case's weights, with the fastest of its backends
+    that runs the case: each is built, run once (its first call compiles its kernels) and timed
+    briefly; the config column lists each one's us per step or why it did not run."""
+    module = torch_module(case, device)
+    x = case_input(case, device)
+    best, best_ms, tried = None, math.inf, []
+    for backend in flashrnn_peer.backends(case):
+        stack = flashrnn_peer.FlashRNNStack(module, case.cell, backend)
+        runner = _runner_for(module, x, case, forward=FirstOutput(stack))
+        try:
+            runner.output()
+            ms = time_ms(runner.step, torch.device(device), warmup_ms=5, rep_ms=20)[0]
+        except Exception as exc:  # a backend that cannot run this case (its size limits, say)
+            tried.append(f"{backend}: {type(exc).__name__}")
+            continue
+        tried.append(f"{backend} {ms * 1e3 / case.T:.3g} us/step")
+        if ms < best_ms:
+            best, best_ms = (backend, runner), ms
+    if best is None:
+        raise RuntimeError(f"no flashrnn backend runs this case ({'; '.join(tried)})")
+    backend, runner = best
+    module.zero_grad(set_to_none=True)
+    runner.details = dict(backend=f"flashrnn {backend}", config="; ".join(tried))
+    return runner
+
+
 def _graphed(eager: Runner) -> Runner:
     """eager's step captured once in a CUDA graph and replayed: what a careful user does to remove
     launch overhead. Its memory is the graph's pool, measured while capturing."""
@@ -254,6 +284,7 @@ class Impl:
     devices: tuple  # device types it runs on
     supports: Callable[[Case], bool] = lambda case: True
     opt_in: bool = False  # runs only where --impls or the suite (cases.SUITE_IMPLS) names it
+    unavailable: Callable[[], str | None] = lambda: None  # why it cannot run here (a package missing)
 
 
 REGISTRY = {
@@ -275,6 +306,8 @@ REGISTRY = {
     "compiled_loop": Impl(build_compiled_loop, "the cell loop under torch.compile(mode='reduce-overhead')",
                           ("cuda",), opt_in=True,
                           supports=lambda case: not case.proj_size and not case.packed and case.T <= 64),
+    "flashrnn": Impl(build_flashrnn, "FlashRNN (pip flashrnn), its fastest backend for the case", ("cuda",),
+                     supports=flashrnn_peer.supports, unavailable=flashrnn_peer.unavailable),
 }
 
 # What the error column and the speed-up ratios compare against, per device type.

@@ -10,7 +10,7 @@ CSV (long format, one row per case x implementation x metric), columns in this o
 | torch_version, triton_version, cudnn_version | versions that ran (cudnn empty without CUDA) |
 | suite | the named suite |
 | case_id | e.g. ``LSTM-T512-B16-I512-H512-bf16-fwd`` |
-| impl | ours, ours_graph, ours_compiled, cudnn, cudnn_graph, torch_nn (CPU only), torch_loop, compiled_loop |
+| impl | ours, ours_graph, ours_compiled, cudnn, cudnn_graph, torch_nn (CPU only), torch_loop, compiled_loop, flashrnn |
 | cell, T, B, input_size, hidden_size, num_layers, bidirectional, proj_size, dtype, pass, packed | the case (packed: lengths uniform in [T/4, T]) |
 | metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err, first_call_s; in the overhead suite also host_us, launches (see METRICS) |
 | unit | the metric's unit |

@@ -1,12 +1,13 @@
 """profiling/: the FLOP formula, the suites, the CSV schema, the cpu suite end to end, the overhead
 suite's host metrics and the graph and compiled entries."""
+import dataclasses
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-from profiling import bench, report
+from profiling import bench, flashrnn_peer, report
 from profiling.cases import HOST_SUITES, SUITE_IMPLS, SUITES, Case, matmul_flops, select
 from profiling.impls import BASELINE, REGISTRY, CellLoop, torch_module
 from profiling.measure import is_gpu_work
@@ -234,3 +235,54 @@ def test_compiled_loop_runs_on_the_cpu(pass_):
     expected = REGISTRY["torch_nn"].build(case, torch.device("cpu")).output()
     assert ((runner.output() - expected).norm() / expected.norm()).item() < 1e-5
     runner.step()
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN_TANH"])
+def test_flashrnn_mapping_matches_torch_nn(cell):
+    """torch.nn's weights mapped to FlashRNN's (Wx, R, b), run through its pure-PyTorch backend on
+    the CPU, give torch.nn's outputs and gradients: two layers, both directions, float64."""
+    case = Case(cell, T=6, B=3, input_size=5, hidden_size=7, num_layers=2, bidirectional=True, dtype="fp64")
+    module = torch_module(case, "cpu")
+    x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+    out = flashrnn_peer.FlashRNNStack(module, cell, "vanilla")(x)[0]
+    expected = module(x)[0]
+    assert (out - expected).norm() / expected.norm() < 1e-12
+    upstream = torch.randn_like(expected)
+    inputs = [x, *module.parameters()]
+    for ours, ref in zip(torch.autograd.grad(out, inputs, upstream), torch.autograd.grad(expected, inputs, upstream)):
+        assert (ours - ref).norm() / ref.norm() < 1e-12
+
+
+def test_flashrnn_entry(monkeypatch):
+    entry = REGISTRY["flashrnn"]
+    assert entry.devices == ("cuda",) and not entry.opt_in and entry.unavailable() is None  # the test extra has it
+    assert not entry.supports(Case("RNN_RELU", 4, 2, 3, 5)) and not entry.supports(Case("LSTM", 4, 2, 3, 5, packed=True))
+    assert not entry.supports(Case("LSTM", 4, 2, 3, 5, proj_size=2)) and entry.supports(Case("GRU", 4, 2, 3, 5))
+    assert flashrnn_peer.backends(Case("GRU", 4, 2, 8, 8)) == ["cuda"]
+    assert "triton_fused" in flashrnn_peer.backends(Case("LSTM", 4, 2, 8, 64))
+    assert "triton_fused" not in flashrnn_peer.backends(Case("LSTM", 4, 2, 8, 128))
+    # The runner keeps the fastest backend that runs; on the CPU only the pure-PyTorch one does.
+    monkeypatch.setattr(flashrnn_peer, "backends", lambda case: ["cuda", "vanilla"])
+    case = Case("GRU", T=3, B=2, input_size=4, hidden_size=8, dtype="fp32", pass_="fwdbwd")
+    runner = entry.build(case, torch.device("cpu"))
+    assert runner.details["backend"] == "flashrnn vanilla"
+    assert runner.details["config"].startswith("cuda: ") and "vanilla" in runner.details["config"]
+    expected = REGISTRY["torch_nn"].build(case, torch.device("cpu")).output()
+    assert ((runner.output() - expected).norm() / expected.norm()).item() < 1e-5
+    runner.step()
+    monkeypatch.setattr(flashrnn_peer, "backends", lambda case: ["cuda"])
+    with pytest.raises(RuntimeError, match="no flashrnn backend runs this case"):
+        entry.build(case, torch.device("cpu"))
+
+
+def test_unavailable_entries_get_rows_saying_why(monkeypatch):
+    monkeypatch.setattr(flashrnn_peer.importlib.util, "find_spec", lambda name: None)
+    assert "not installed" in REGISTRY["flashrnn"].unavailable()
+    runs_here = dataclasses.replace(REGISTRY["torch_loop"], unavailable=lambda: "peer is not installed")
+    monkeypatch.setitem(REGISTRY, "peer", runs_here)
+    case = Case("GRU", T=3, B=2, input_size=4, hidden_size=8, dtype="fp32")
+    meta = report.run_metadata(torch.device("cpu"), "cpu")
+    rows = bench.measure_case(case, ["torch_nn", "peer"], torch.device("cpu"), meta, 1, 1)
+    frame = report.to_frame(rows)
+    assert set(frame[frame.impl == "peer"].status) == {"not measured: peer is not installed"}
+    assert set(frame[frame.impl == "torch_nn"].status) == {"ok"}
