@@ -1,4 +1,5 @@
 """Grid barrier between timesteps of a persistent kernel."""
+import torch
 import triton
 import triton.language as tl
 
@@ -19,3 +20,27 @@ def grid_sync(counter_ptr, target):
     while arrived < target:
         arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
+
+
+@triton.jit
+def empty_steps_kernel(sync_ptr, T, SYNC: tl.constexpr):
+    """The persistent kernels' time loop with nothing in it but the grid barrier (counters as in
+    rnn_fwd_kernel: one per direction and batch tile): its time per step is the floor that any
+    step on that grid pays."""
+    pid_b = tl.program_id(1)
+    d = tl.program_id(2)
+    n_prog = tl.num_programs(0)
+    for s in range(T):
+        if SYNC:
+            grid_sync(sync_ptr + d * tl.num_programs(1) + pid_b, n_prog * (s + 1))
+        else:
+            tl.debug_barrier()
+
+
+def empty_steps(grid: tuple, num_warps: int, T: int, device) -> torch.Tensor:
+    """Run the empty time loop once on ``grid`` (a cooperative launch where it has a barrier, as
+    the persistent kernels); returns the counters (each ends at programs per group x T)."""
+    sync = torch.zeros(grid[1] * grid[2], dtype=torch.int32, device=device)
+    barrier = grid[0] > 1
+    empty_steps_kernel[grid](sync, T, SYNC=barrier, num_warps=num_warps, launch_cooperative_grid=barrier)
+    return sync

@@ -24,7 +24,7 @@ import torch
 from profiling import record, report
 from profiling.cases import HOST_SUITES, SUITE_IMPLS, SUITES, select
 from profiling.impls import BASELINE, REGISTRY, seconds
-from profiling.measure import host_us, launches_per_call, peak_memory_mib, time_ms
+from profiling.measure import barrier_floor_us, host_us, launches_per_call, peak_memory_mib, time_ms
 
 
 def _list(text, convert=str):
@@ -114,10 +114,11 @@ def measure_case(case, impls, device, meta, warmup_ms, rep_ms, host=False) -> li
                     host_values = (host_us(runner.step, device, rep_ms, launches), launches)
                 else:
                     host_values = None
+                floor = barrier_floor_us(runner.details.get("launches", ()), case.T, device)
             ref = outputs.get(baseline_name)
             err = _rel_err(outputs[name], ref) if ref is not None else math.nan
             rows += report.metric_rows(meta, case, name, times, memory, err, runner.details, host=host_values,
-                                       first_call_s=first_call_s)
+                                       first_call_s=first_call_s, floor_us=floor)
         except Exception as exc:  # one failing implementation must not end the run
             status = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             rows += report.metric_rows(meta, case, name, None, math.nan, math.nan, {}, status=status,

@@ -98,9 +98,11 @@ class FirstOutput(torch.nn.Module):
 
 
 def _describe_path(path) -> dict:
-    """The backend and each launch's kernel partition of an eager call's rnn.ForwardPath."""
+    """The backend, each launch's kernel partition and the launches themselves (kernels.forward.
+    LaunchInfo) of an eager call's rnn.ForwardPath."""
     launches = [("fwd", l) for l in path.launches] + [("bwd", l) for l in reversed(path.backward_launches)]
     return {
+        "launches": [l for _, l in launches],  # what the barrier floor is measured on
         "backend": path.backend,
         "config": "; ".join(f"{kind} {'persistent' if l.persistent else 'stepwise'} {describe(l.config)} "
                             f"grid{list(l.grid)}" for kind, l in launches) or path.reason,

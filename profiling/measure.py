@@ -111,3 +111,21 @@ def peak_memory_mib(runner, device: torch.device) -> float:
     runner.step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def barrier_floor_us(launches, T: int, device: torch.device) -> float:
+    """The floor of one call's step: microseconds per step of the empty time loop
+    (kernels.barrier.empty_steps) on the grid and warps of each persistent launch with a grid
+    barrier (several programs per group), summed over the call's launches. NaN on the CPU and
+    where no launch has a barrier (one program per group, or a launch per step)."""
+    grids = [(launch.grid, launch.config.num_warps) for launch in launches if launch.persistent and launch.grid[0] > 1]
+    if device.type != "cuda" or not grids or T < 1:
+        return math.nan
+    import triton.testing
+    from kernels.barrier import empty_steps
+    total = 0.0
+    for grid, warps in grids:
+        ms = triton.testing.do_bench(lambda: empty_steps(grid, warps, T, device), warmup=5, rep=25,
+                                     return_mode="median")
+        total += ms * 1e3 / T
+    return total

@@ -12,7 +12,7 @@ CSV (long format, one row per case x implementation x metric), columns in this o
 | case_id | e.g. ``LSTM-T512-B16-I512-H512-bf16-fwd`` |
 | impl | ours, ours_graph, ours_compiled, cudnn, cudnn_graph, torch_nn (CPU only), torch_loop, compiled_loop, flashrnn |
 | cell, T, B, input_size, hidden_size, num_layers, bidirectional, proj_size, dtype, pass, packed | the case (packed: lengths uniform in [T/4, T]) |
-| metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err, first_call_s; in the overhead suite also host_us, launches (see METRICS) |
+| metric | time_ms, us_per_step, tokens_per_s, tflops, peak_mem_mib, rel_err, first_call_s, barrier_floor_us, floor_ratio; in the overhead suite also host_us, launches (see METRICS) |
 | unit | the metric's unit |
 | median, p20, p80 | the value: median and 20th/80th percentiles over timed repeats (memory, error, launches: one value in median) |
 | backend, config | for ours (and ours_graph, ours_compiled): which path ran and each layer's kernel partition (forward; backward too in fwdbwd cases); ours_compiled's config starts with its first call's seconds (trace, compile, tuning) |
@@ -24,6 +24,11 @@ for the GPU (profiling.measure.host_us); on the CPU the whole call. launches: ke
 memcpys the GPU runs per call, counted by torch.profiler (CUPTI; a replayed CUDA graph counts the
 kernels inside it); NaN on the CPU, with status ok. Only the suites in profiling.cases.HOST_SUITES
 (overhead) write these two metrics.
+
+barrier_floor_us: for entries running our kernels (ours, ours_graph, ours_compiled) on CUDA, the
+microseconds per step of the empty time loop (only the grid barrier) on the grid and warps of each
+of the call's persistent launches that have a barrier, summed; floor_ratio is us_per_step over it.
+NaN on the CPU and where no launch has a barrier (one program per group).
 """
 import datetime
 import math
@@ -46,6 +51,8 @@ METRICS = {
     "host_us": "us",  # host time per call, call to return (HOST_SUITES only)
     "launches": "1/call",  # GPU kernels + memsets + memcpys per call; NaN on the CPU (HOST_SUITES only)
     "first_call_s": "s",  # building the implementation and its first result: compiling, tuning, capturing
+    "barrier_floor_us": "us",  # the empty-barrier step of ours' grids (profiling.measure.barrier_floor_us)
+    "floor_ratio": "1",  # us_per_step over barrier_floor_us: how many barrier floors a step costs
 }
 HOST_METRICS = ("host_us", "launches")
 CASE_COLUMNS = ["cell", "T", "B", "input_size", "hidden_size", "num_layers", "bidirectional", "proj_size",
@@ -75,8 +82,10 @@ def run_metadata(device: torch.device, suite: str) -> dict:
 
 
 def metric_rows(meta: dict, case: Case, impl: str, times, memory: float, rel_err: float, details: dict,
-                status: str = "ok", host=None, first_call_s: float = math.nan) -> list[dict]:
-    """The rows of one (case, implementation); ``times`` is (median, p20, p80) in ms or None.
+                status: str = "ok", host=None, first_call_s: float = math.nan,
+                floor_us: float = math.nan) -> list[dict]:
+    """The rows of one (case, implementation); ``times`` is (median, p20, p80) in ms or None;
+    ``floor_us``: the barrier floor of its launches (NaN where none was measured).
     ``host``, only in suites that measure it: ((median, p20, p80) host us per call, launches per
     call), NaN where not measured; the rows then include HOST_METRICS."""
     base = dict(meta, case_id=case.id, impl=impl, **case.columns(), backend=details.get("backend", ""),
@@ -93,6 +102,8 @@ def metric_rows(meta: dict, case: Case, impl: str, times, memory: float, rel_err
         "peak_mem_mib": (memory, math.nan, math.nan),
         "rel_err": (rel_err, math.nan, math.nan),
         "first_call_s": (first_call_s, math.nan, math.nan),
+        "barrier_floor_us": (floor_us, math.nan, math.nan),
+        "floor_ratio": tuple(t * 1e3 / case.T / floor_us for t in (med, p20, p80)),
     }
     if host is not None:
         host_us, launches = host
@@ -107,7 +118,8 @@ def to_frame(rows: list[dict]) -> pd.DataFrame:
 
 def summary(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Per case: us per step of each implementation, ours' speed-up over the baseline (and over
-    cudnn_graph where measured), ours' memory over the baseline's, and ours' error; where the
+    cudnn_graph where measured), ours' peak memory over the baseline's (and both in MiB), ours'
+    error, first-call seconds and barrier-floor ratio; where the
     suite measures them, each implementation's host us and launches per call."""
     ok = frame[frame.status == "ok"]
     steps = ok[ok.metric == "us_per_step"].pivot_table(index="case_id", columns="impl", values="median", sort=False)
@@ -123,11 +135,16 @@ def summary(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
         table["speedup vs cudnn_graph"] = steps["cudnn_graph"] / steps["ours"]
     if "ours" in memory and baseline in memory:
         table[f"memory vs {baseline}"] = memory["ours"] / memory[baseline]
+        # Absolute peaks too: in training cases (pass fwdbwd) what a user's memory budget meets.
+        table["ours MiB"], table[f"{baseline} MiB"] = memory["ours"], memory[baseline]
     if "ours" in errors:
         table["ours rel_err"] = errors["ours"]
     first = ok[ok.metric == "first_call_s"].pivot_table(index="case_id", columns="impl", values="median", sort=False)
     if "ours" in first:
         table["ours first call s"] = first["ours"]
+    floors = ok[ok.metric == "floor_ratio"].pivot_table(index="case_id", columns="impl", values="median", sort=False)
+    if "ours" in floors:
+        table["ours floor x"] = floors["ours"]  # us per step in empty-barrier steps of the same grids
     for metric, label in (("host_us", "host us"), ("launches", "launches")):
         per_impl = ok[ok.metric == metric].pivot_table(index="case_id", columns="impl", values="median", sort=False)
         for impl in per_impl.columns:

@@ -171,3 +171,13 @@ def test_launchers_run_on_the_inputs_gpu(monkeypatch):
     assert seen(Cell.LSTM, SimpleNamespace(is_cuda=True, device=gpu1)) == [gpu1]
     assert seen(Cell.LSTM, torch.zeros(1)) == []
     assert all(f.__code__ is seen.__code__ for f in (rnn_fwd, rnn_bwd, tune_forward))  # all three are guarded
+
+
+def test_empty_steps_without_a_barrier(kernel_device):
+    """The barrier floor's empty time loop launches as the persistent kernels do; with one program
+    per group it has no barrier (the interpreter cannot run one) and counts nothing. The GPU test
+    (tests/test_profiling_gpu.py) checks the barrier's counts."""
+    from kernels.barrier import empty_steps
+
+    counters = empty_steps((1, 2, 2), 4, 5, kernel_device)
+    assert counters.tolist() == [0, 0, 0, 0]

@@ -95,6 +95,10 @@ def test_metric_rows_follow_the_schema():
     assert tuple(with_host.loc["host_us", ["median", "p20", "p80"]]) == (40.0, 30.0, 50.0)
     assert with_host.loc["launches", "median"] == 3.0 and with_host.loc["launches", "unit"] == "1/call"
     by_metric = frame.set_index("metric")
+    assert math.isnan(by_metric.loc["barrier_floor_us", "median"]) and math.isnan(by_metric.loc["floor_ratio", "median"])
+    floored = report.to_frame(report.metric_rows(meta, case, "ours", (2.0, 1.0, 3.0), math.nan, 0.0, {},
+                                                 floor_us=100.0)).set_index("metric")
+    assert tuple(floored.loc["floor_ratio", ["median", "p20", "p80"]]) == (5.0, 2.5, 7.5)  # 500 us per step / 100
     assert by_metric.loc["us_per_step", "median"] == pytest.approx(2.0 * 1e3 / 4)
     assert by_metric.loc["tokens_per_s", "p20"] == pytest.approx(4 * 2 / 3e-3)  # slow end of the rates
     assert by_metric.loc["tflops", "median"] == pytest.approx(matmul_flops(case) / 2e-3 / 1e12)

@@ -45,7 +45,8 @@ def _gpu_run(root, suite, timestamp, us_per_step):
     for impl, us in us_per_step.items():
         ms = us * case.T / 1e3
         rows += report.metric_rows(meta, case, impl, (ms, ms, ms), 10.0 if impl == "ours" else 20.0,
-                                   1e-3 if impl == "ours" else 0.0, {})
+                                   1e-3 if impl == "ours" else 0.0, {},
+                                   floor_us=0.5 if impl == "ours" else math.nan)  # a made-up barrier floor
     path = record.run_dir(meta, root)
     report.to_frame(rows).to_csv(path / record.CSV_NAME, index=False)
     (path / f"{record.PLOT_STEM}-LSTM-bf16.png").write_bytes(b"png")
@@ -56,7 +57,8 @@ def _gpu_run(root, suite, timestamp, us_per_step):
 def test_publish_takes_the_latest_gpu_run_of_each_suite(tmp_path):
     results = tmp_path / "benchmarks" / "results"
     _gpu_run(results, "quick", "2026-11-20T10:00:00+00:00", {"ours": 4.0, "cudnn": 8.0, "cudnn_graph": 6.0})
-    case = _gpu_run(results, "quick", "2026-11-21T10:00:00+00:00", {"ours": 2.0, "cudnn": 8.0, "cudnn_graph": 6.0})
+    case = _gpu_run(results, "quick", "2026-11-21T10:00:00+00:00",
+                    {"ours": 2.0, "cudnn": 8.0, "cudnn_graph": 6.0, "flashrnn": 5.0})
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{publish.BEGIN}\nstale\n{publish.END}\n\n## after\n")
     argv = ["--readme", str(readme), "--results", str(results)]
@@ -73,6 +75,8 @@ def test_publish_takes_the_latest_gpu_run_of_each_suite(tmp_path):
     values = dict(zip(columns, cells))
     assert math.isclose(float(values["speedup vs cudnn"]), 4.0) and math.isclose(
         float(values["speedup vs cudnn_graph"]), 3.0) and math.isclose(float(values["memory vs cudnn"]), 0.5)
+    assert float(values["ours floor x"]) == 4.0 and float(values["flashrnn us/step"]) == 5.0
+    assert float(values["ours MiB"]) == 10.0 and float(values["cudnn MiB"]) == 20.0
     assert "benchmarks/results/2026-11-21-nvidia-h100-80gb-hbm3-quick/plot-LSTM-bf16.png" in block
     # A newer CPU run changes nothing.
     shutil.copytree(results / "2026-11-21-nvidia-h100-80gb-hbm3-quick", results / "2026-11-22-cpu-quick")
