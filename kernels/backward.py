@@ -15,7 +15,7 @@ from kernels.configs import (KernelConfig, backward_reduction, candidate_backwar
 from kernels.packing import Packing
 from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _sm_count, autotune_cache, barrier_counters,
                              check_weights, dense, given_output, layer_key, layout_strides, max_registers, may_tune,
-                             on_input_device, seq_offsets, tile_steps, time_candidates)
+                             on_input_device, rnn_fwd, seq_offsets, tile_steps, time_candidates)
 
 
 @triton.jit
@@ -234,7 +234,7 @@ class BackwardResult(NamedTuple):
 @on_input_device
 def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved, d_out, d_hn, d_cn,
             batch_first: bool, need_dx: bool = True, config: KernelConfig | None = None, dg=None, dh0=None,
-            dc0=None) -> BackwardResult:
+            dc0=None, tuning: dict | None = None) -> BackwardResult:
     """Gradients of one layer (every direction) from the forward's inputs (weights per direction
     as rnn_fwd takes them; only w_ih and w_hh are read), outputs and saved activations
     (rnn_fwd(save=True)) and the gradients of out, h_n and c_n (any may be None).
@@ -246,6 +246,8 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
     db_ih is the gradient of b_ih; db_hh of b_hh (for GRU its n part is the gradient of b_hn).
     dg, dh0, dc0: optional preallocated outputs ([T, B, D, G', H] or [N, D, G', H] gate gradients,
     [D, B, H]); tests poison them.
+    tuning: a dict (tune_backward's): tune this shape now, whatever the cache holds, and fill it
+    with the key, the winner, each candidate's ms per step and the default.
     """
     cell = Cell(cell)
     D, H = check_weights("rnn_bwd", cell, weights, x.shape[-1])
@@ -317,7 +319,7 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
         return LaunchInfo("rnn_bwd_kernel", cfg, grid, persistent)
 
     if B > 0:
-        info = launch(config or _tuned_or_default(cell, T, B, D, w_hh[0], precision, packing, launch))
+        info = launch(config or _tuned_or_default(cell, T, B, D, w_hh[0], precision, packing, launch, tuning))
     else:
         cfg = config or default_backward_config(H, B, G, w_hh[0].element_size(), interpreting, D, _sm_count(device))
         info = LaunchInfo("rnn_bwd_kernel", cfg, (cdiv(H, cfg.hidden_block), 0, D), False)
@@ -351,23 +353,46 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
     return BackwardResult(dg, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, info)
 
 
-def _tuned_or_default(cell: Cell, T: int, B: int, D: int, w_hh, precision: str, packing, launch) -> KernelConfig:
+def _tuned_or_default(cell: Cell, T: int, B: int, D: int, w_hh, precision: str, packing, launch,
+                      tuning: dict | None = None) -> KernelConfig:
     """The cached winner of this shape's backward (w_hh: one direction's); on a miss, tune it now
     with ``launch(cfg, steps)`` on the real gradients (where forward.may_tune; a packed batch takes
-    its padded shape's winner) or take the heuristic default."""
+    its padded shape's winner) or take the heuristic default. With ``tuning`` (a dict), tune now
+    whatever the cache holds and report into it."""
     H = w_hh.shape[1]
     device = w_hh.device
     default = default_backward_config(H, B, cell.gates, w_hh.element_size(), env.interpreting(), D,
                                       _sm_count(device))
-    if not may_tune(device, B):
+    if tuning is None and not may_tune(device, B):
         return default
     key = layer_key("rnn_bwd", cell, H, B, w_hh.dtype, precision, D, device)
-    cfg = autotune_cache().get(key)
-    if cfg is None and packing is None:
-        steps = min(T, TUNE_STEPS)
-        candidates = candidate_backward_configs(H, B, cell.gates, w_hh.element_size(), D, _sm_count(device))
-        cfg, _ = time_candidates(key, candidates, lambda c: launch(c, steps), steps, device)
-    return cfg or default
+    if tuning is None:
+        cfg = autotune_cache().get(key)
+        if cfg is not None or packing is not None:
+            return cfg or default
+    steps = min(T, TUNE_STEPS)
+    candidates = candidate_backward_configs(H, B, cell.gates, w_hh.element_size(), D, _sm_count(device))
+    cfg, timings = time_candidates(key, candidates, lambda c: launch(c, steps), steps, device)
+    if tuning is not None:
+        tuning.update(key=key, winner=cfg, timings=timings, default=default)
+    return cfg
+
+
+@on_input_device
+def tune_backward(cell: Cell, x, weights, batch_first: bool = False):
+    """Tune one layer shape's backward now (whatever the cache holds) on these inputs (weights as
+    rnn_fwd takes them) and random upstream gradients, and cache the winner: what the first
+    training step of the shape does, for scripts.autotune's sweep.
+
+    Returns (tuning key, winner, {candidate name: ms per step}, the heuristic default).
+    """
+    if x.device.type != "cuda":
+        raise RuntimeError("tune_backward times kernels on a GPU: it needs CUDA tensors")
+    forward = rnn_fwd(cell, x, weights, None, None, None, batch_first, save=True)
+    tuning = {}
+    rnn_bwd(cell, x, weights, None, None, None, forward.out, forward.saved, torch.randn_like(forward.out), None,
+            None, batch_first, need_dx=False, tuning=tuning)
+    return tuning["key"], tuning["winner"], tuning["timings"], tuning["default"]
 
 
 @functools.lru_cache(maxsize=4096)  # pure; on every launch's host path

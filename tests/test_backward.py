@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import rnn
-from helpers import CELL_IDS, PARTITIONS, TOL, assert_grads_close, run_backward
+from helpers import CELL_IDS, PARTITIONS, TOL, assert_grads_close, rel_err, run_backward
+from kernels.backward import rnn_bwd
 from kernels.cells import Cell
 from kernels.configs import KernelConfig, candidate_backward_configs, describe
+from kernels.forward import rnn_fwd
 from rnn import functional, ops
 
 pytestmark = pytest.mark.interpreter
@@ -170,3 +172,33 @@ def test_backward_tuning_times_every_candidate_and_caches_the_winner(monkeypatch
     ours, ref, again = run_backward(Cell.LSTM, T=4, B=3, H=20, device=kernel_device)
     assert again.info.config == res.info.config
     assert_grads_close(ours, ref, TOL[torch.float64])
+
+
+def test_backward_tuning_on_request(monkeypatch, tmp_path, kernel_device):
+    """rnn_bwd(tuning=...) (tune_backward's path, for scripts.autotune) tunes where a backward
+    otherwise would not, reports every candidate, caches and uses the winner; its gradients are
+    the untuned backward's."""
+    from kernels import backward
+
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(backward, "may_tune", lambda device, batch: False)  # a plain backward takes the default
+    monkeypatch.setattr(backward, "layer_key", lambda *args: "bwd-key")
+    T, B, I, H = 3, 2, 4, 8
+    torch.manual_seed(6)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, device=kernel_device)
+
+    weights = [(rand(3 * H, I), rand(3 * H, H), rand(3 * H), rand(3 * H))]
+    x = rand(T, B, I)
+    fwd = rnn_fwd(Cell.GRU, x, weights, None, None, None, False, save=True)
+    d_out = torch.randn_like(fwd.out)
+    plain = rnn_bwd(Cell.GRU, x, weights, None, None, None, fwd.out, fwd.saved, d_out, None, None, False)
+    tuning = {}
+    tuned = rnn_bwd(Cell.GRU, x, weights, None, None, None, fwd.out, fwd.saved, d_out, None, None, False,
+                    tuning=tuning)
+    assert tuning["key"] == "bwd-key" and plain.info.config == tuning["default"]
+    assert set(tuning["timings"]) == {describe(c) for c in candidate_backward_configs(H, B, 3, 8, 1)}
+    assert tuned.info.config == tuning["winner"] == backward.autotune_cache().get("bwd-key")
+    for name in ("dx", "dw_ih", "dw_hh", "db_ih", "db_hh", "dh0"):
+        assert rel_err(getattr(tuned, name), getattr(plain, name)) < 1e-12, name

@@ -154,7 +154,7 @@ def test_launchers_run_on_the_inputs_gpu(monkeypatch):
     import contextlib
     from types import SimpleNamespace
 
-    from kernels.backward import rnn_bwd
+    from kernels.backward import rnn_bwd, tune_backward
     from kernels.forward import on_input_device, rnn_fwd, tune_forward
 
     current = []
@@ -170,7 +170,7 @@ def test_launchers_run_on_the_inputs_gpu(monkeypatch):
     gpu1 = torch.device("cuda", 1)
     assert seen(Cell.LSTM, SimpleNamespace(is_cuda=True, device=gpu1)) == [gpu1]
     assert seen(Cell.LSTM, torch.zeros(1)) == []
-    assert all(f.__code__ is seen.__code__ for f in (rnn_fwd, rnn_bwd, tune_forward))  # all three are guarded
+    assert all(f.__code__ is seen.__code__ for f in (rnn_fwd, rnn_bwd, tune_forward, tune_backward))  # all guarded
 
 
 def test_empty_steps_without_a_barrier(kernel_device):
