@@ -46,6 +46,9 @@ def parse_args(argv):
     p.add_argument("--impls", type=_list, help=f"subset of {', '.join(REGISTRY)} (default: the suite's; "
                                                f"ours_compiled only where named)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cpu for the cpu suite, cuda for the others")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="start no case after this many seconds; the cases measured by then are written "
+                        "(and recorded), and the summary says how many were left")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     return p.parse_args(argv)
@@ -153,18 +156,22 @@ def main(argv=None) -> int:
     provenance = record.provenance(meta, list(sys.argv[1:] if argv is None else argv)) if args.record else None
     print(f"{len(cases)} cases x {len(impls)} implementations ({', '.join(impls)}) on {meta['device']}")
 
-    rows, start = [], time.time()
+    rows, start, measured = [], time.time(), 0
     for i, case in enumerate(cases, 1):
         elapsed = time.time() - start
+        if args.time_limit is not None and i > 1 and elapsed > args.time_limit:  # at least one case
+            print(f"time limit: {args.time_limit:.0f} s passed, {len(cases) - measured} cases left unmeasured")
+            break
         left = f", ~{elapsed / (i - 1) * (len(cases) - i + 1):.0f}s left" if i > 1 else ""
         print(f"[{i}/{len(cases)}] {case.id} ({elapsed:.0f}s elapsed{left})", flush=True)
         rows += measure_case(case, impls, device, meta, args.warmup_ms, args.rep_ms, host=suite in HOST_SUITES)
+        measured += 1
 
     frame = report.to_frame(rows)
     if args.record:
         out_dir = record.run_dir(meta, Path(args.results))
         csv_path, md_path, stem = out_dir / record.CSV_NAME, out_dir / record.SUMMARY_NAME, record.PLOT_STEM
-        record.write_meta(out_dir, provenance)
+        record.write_meta(out_dir, dict(provenance, cases_measured=measured, cases_total=len(cases)))
     else:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +182,9 @@ def main(argv=None) -> int:
     table = report.summary(frame, BASELINE[device.type])
     md = report.markdown(table, f"{suite} on {meta['device']} (us per step; speed-up > 1: ours is faster)")
     md += report.not_measured(frame)
+    if measured < len(cases):
+        md += (f"\nStopped at the time limit ({args.time_limit:.0f} s): {measured} of {len(cases)} cases "
+               f"measured.\n")
     md_path.write_text(md)
     pngs = report.plots(frame, out_dir, stem, BASELINE[device.type])
     print(f"\nwrote {csv_path}, {md_path}" + (f" and {len(pngs)} plots" if pngs else

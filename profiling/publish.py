@@ -26,10 +26,11 @@ COLUMNS = ["ours us/step", "cudnn us/step", "cudnn_graph us/step", "flashrnn us/
 
 
 def latest_gpu_runs(results: Path) -> dict:
-    """{suite: the newest recorded run on a GPU}, suites in name order."""
+    """{suite: the newest recorded benchmark run on a GPU}, suites in name order (autotune sweeps
+    are recorded too, and not published)."""
     latest = {}
     for run in record.runs(results):
-        if run.get("gpu"):
+        if run.get("gpu") and run.get("kind", "bench") == "bench":
             latest[run["suite"]] = run  # runs() is oldest first
     return dict(sorted(latest.items()))
 
@@ -58,6 +59,9 @@ def render(results: Path, base: Path) -> str:
         table = report.summary(frame, "cudnn")
         table = table[[c for c in COLUMNS if c in table.columns]]
         dirty = ", uncommitted changes" if run.get("git_dirty") else ""
+        total = run.get("cases_total")
+        if total and run.get("cases_measured", total) < total:  # a run stopped at its time limit
+            dirty += f"; {run['cases_measured']} of {total} cases"
         title = (f"{suite}: {run['device']}, {run['timestamp'][:10]} (commit {run['git_commit'][:10]}{dirty}; "
                  f"torch {run['torch_version']}, Triton {run['triton_version']}, cuDNN {run['cudnn_version']})")
         parts.append(report.markdown(table, title).replace("## ", "### ", 1))

@@ -53,15 +53,16 @@ def _driver() -> str:
     return out.strip().splitlines()[0] if out.strip() else ""
 
 
-def provenance(meta: dict, argv: list[str]) -> dict:
+def provenance(meta: dict, argv: list[str], program: str = "profiling.bench", kind: str = "bench") -> dict:
     """meta.json: the CSV's run metadata plus the driver, CUDA, Python, whether the checkout had
-    uncommitted changes when the run started, and the command line."""
+    uncommitted changes when the run started, the command line and the kind of run (``bench``:
+    profiling.bench's results.csv; ``autotune``: scripts.autotune's sweep)."""
     in_git = bool(_git("rev-parse", "HEAD"))
     gpu = meta["device"] != "cpu"
     return dict(meta, gpu=gpu, driver=_driver() if gpu else "", cuda_version=torch.version.cuda or "",
                 python_version=sys.version.split()[0],
                 git_dirty=bool(_git("status", "--porcelain")) if in_git else None,
-                command="python -m profiling.bench " + " ".join(argv))
+                command=f"python -m {program} " + " ".join(argv), kind=kind)
 
 
 def write_meta(path: Path, info: dict):

@@ -81,3 +81,22 @@ def test_quick_suite_on_the_gpu(tmp_path):
         if barrier:
             # A step cannot beat an empty step of its grid (0.9: two timings' noise).
             assert ours[case_id, "floor_ratio"] > 0.9
+
+
+def test_autotune_sweep_records_forward_and_backward(monkeypatch, tmp_path):
+    import json
+
+    from scripts import autotune
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["--cells", "gru", "--hidden", "64", "--batch", "2", "--seq", "16", "--passes", "fwd,bwd", "--record",
+            "--results", str(tmp_path / "results")]
+    assert autotune.main(argv) == 0
+    (run,) = (tmp_path / "results").iterdir()
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["kind"] == "autotune" and meta["gpu"] and meta["shapes_tuned"] == 2
+    frame = pd.read_csv(run / "autotune.csv")
+    assert set(frame.kernel) == {"rnn_fwd", "rnn_bwd"}
+    assert frame.groupby("kernel").winner.sum().tolist() == [1, 1]
+    assert autotune.main(argv + ["--skip-cached"]) == 0  # a second call leaves the cached shapes
+    second = max((tmp_path / "results").iterdir(), key=lambda p: p.stat().st_mtime)
+    assert json.loads((second / "meta.json").read_text())["shapes_cached"] == 2

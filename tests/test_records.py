@@ -20,9 +20,16 @@ def test_record_keeps_a_cpu_run_with_its_provenance(tmp_path, monkeypatch):
     argv = ["--suite", "cpu", "--record", "--results", str(tmp_path), "--cells", "lstm", "--hidden", "8",
             "--batch", "1,2", "--seq", "4", "--warmup-ms", "1", "--rep-ms", "2"]
     assert bench.main(argv) == 0
-    assert bench.main(argv) == 0  # the same day's second run gets a folder of its own
+    # The same day's second run gets a folder of its own; stopped at its time limit, it keeps the
+    # one case measured and says so.
+    assert bench.main(argv + ["--time-limit", "0"]) == 0
     runs = record.runs(tmp_path)
     assert len(runs) == 2 and runs[0]["path"] != runs[1]["path"]
+    total = runs[0]["cases_total"]
+    assert total > 1 and runs[0]["cases_measured"] == total == runs[1]["cases_total"] and runs[1]["cases_measured"] == 1
+    assert (f"Stopped at the time limit (0 s): 1 of {total} cases measured"
+            in (runs[1]["path"] / record.SUMMARY_NAME).read_text())
+    assert runs[1]["kind"] == "bench"
     run = runs[0]
     assert run["path"].name.startswith(run["timestamp"][:10] + "-cpu-cpu")
     assert run["gpu"] is False and run["device"] == "cpu" and run["driver"] == ""
@@ -36,7 +43,7 @@ def test_record_keeps_a_cpu_run_with_its_provenance(tmp_path, monkeypatch):
     assert "No GPU run is recorded" in publish.render(tmp_path, tmp_path)
 
 
-def _gpu_run(root, suite, timestamp, us_per_step):
+def _gpu_run(root, suite, timestamp, us_per_step, **extra_meta):
     """A recorded run as a GPU session leaves it, with made-up times (ours, cudnn, cudnn_graph)."""
     case = select(suite)[0]
     meta = dict(timestamp=timestamp, git_commit="a" * 40, device="NVIDIA H100 80GB HBM3", torch_version="2.11",
@@ -50,7 +57,8 @@ def _gpu_run(root, suite, timestamp, us_per_step):
     path = record.run_dir(meta, root)
     report.to_frame(rows).to_csv(path / record.CSV_NAME, index=False)
     (path / f"{record.PLOT_STEM}-LSTM-bf16.png").write_bytes(b"png")
-    record.write_meta(path, dict(meta, gpu=True, git_dirty=False, driver="570.1", command="python -m profiling.bench"))
+    record.write_meta(path, dict(meta, gpu=True, git_dirty=False, driver="570.1", command="python -m profiling.bench",
+                                 **extra_meta))
     return case
 
 
@@ -58,7 +66,8 @@ def test_publish_takes_the_latest_gpu_run_of_each_suite(tmp_path):
     results = tmp_path / "benchmarks" / "results"
     _gpu_run(results, "quick", "2026-11-20T10:00:00+00:00", {"ours": 4.0, "cudnn": 8.0, "cudnn_graph": 6.0})
     case = _gpu_run(results, "quick", "2026-11-21T10:00:00+00:00",
-                    {"ours": 2.0, "cudnn": 8.0, "cudnn_graph": 6.0, "flashrnn": 5.0})
+                    {"ours": 2.0, "cudnn": 8.0, "cudnn_graph": 6.0, "flashrnn": 5.0},
+                    cases_measured=1, cases_total=3)  # stopped at its time limit
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n{publish.BEGIN}\nstale\n{publish.END}\n\n## after\n")
     argv = ["--readme", str(readme), "--results", str(results)]
@@ -68,6 +77,7 @@ def test_publish_takes_the_latest_gpu_run_of_each_suite(tmp_path):
     assert text.startswith("# x\n\n") and text.endswith(f"{publish.END}\n\n## after\n") and "stale" not in text
     block = text.split(publish.BEGIN)[1].split(publish.END)[0]
     assert "2026-11-21" in block and "2026-11-20" not in block  # the latest run only
+    assert "; 1 of 3 cases;" in block
     row = next(line for line in block.splitlines() if line.startswith(f"| {case.id} |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     header = next(line for line in block.splitlines() if line.startswith("| case |"))
@@ -78,6 +88,12 @@ def test_publish_takes_the_latest_gpu_run_of_each_suite(tmp_path):
     assert float(values["ours floor x"]) == 4.0 and float(values["flashrnn us/step"]) == 5.0
     assert float(values["ours MiB"]) == 10.0 and float(values["cudnn MiB"]) == 20.0
     assert "benchmarks/results/2026-11-21-nvidia-h100-80gb-hbm3-quick/plot-LSTM-bf16.png" in block
+    # A newer autotune sweep on the GPU is no benchmark run: it is not published.
+    sweep = record.run_dir(dict(timestamp="2026-11-23T00:00:00+00:00", device="NVIDIA H100 80GB HBM3",
+                                suite="autotune-quick"), results)
+    record.write_meta(sweep, dict(timestamp="2026-11-23T00:00:00+00:00", device="NVIDIA H100 80GB HBM3",
+                                  suite="quick", gpu=True, kind="autotune"))
+    assert publish.main(argv + ["--check"]) == 0
     # A newer CPU run changes nothing.
     shutil.copytree(results / "2026-11-21-nvidia-h100-80gb-hbm3-quick", results / "2026-11-22-cpu-quick")
     meta = json.loads((results / "2026-11-22-cpu-quick" / record.META_NAME).read_text())
