@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from kernels import env
-from kernels.barrier import grid_sync
+from kernels.barrier import grid_sync, group_counter
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
 from kernels.configs import (KernelConfig, backward_reduction, candidate_backward_configs, cdiv, check_stages,
                              default_backward_config)
@@ -90,7 +90,7 @@ def rnn_bwd_kernel(
     dh0_ptr, dc0_ptr,  # out [D, B, H]
     xbuf_ptr,  # [2, D, B, G*H] accumulator dtype, zeroed: recurrent gate gradients exchanged
     dhbuf_ptr, dcbuf_ptr,  # [D, B, H] accumulator dtype: carried gradients between stepwise launches
-    sync_ptr,  # [D * batch tiles] int32, zeroed
+    sync_ptr,  # int32 barrier counters (barrier.group_counter), zeroed
     T, B, H, t0, t1,  # this launch runs backward steps [t0, t1) of T (step s is time T-1-s forward)
     finish,  # 1: then (every step's gates published) the gradients of h0 and c0
     stride_ot, stride_ob, stride_dt, stride_db,
@@ -200,7 +200,7 @@ def rnn_bwd_kernel(
             dh_carry = tl.where(act2, 0.0, dh)
             _put(dg, xb, 0, 0, H, rnn_cell_bwd(dh, h, CELL), act2, own_mask, PACKED, True)
         if SYNC:
-            grid_sync(sync_ptr + d * tl.num_programs(1) + pid_b, n_prog * (s - s_start + 1))
+            grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s - s_start + 1))
         else:
             tl.debug_barrier()
 

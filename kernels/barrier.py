@@ -4,6 +4,17 @@ import triton
 import triton.language as tl
 
 
+# Each barrier counter (one per direction and batch tile) has a 128-byte line of its own: groups
+# spinning on neighbouring counters would otherwise contend for one line.
+COUNTER_STRIDE = tl.constexpr(32)  # int32 slots per counter
+
+
+@triton.jit
+def group_counter(sync_ptr, d, pid_b):
+    """The barrier counter of direction d's batch tile pid_b (grid: hidden blocks, tiles, directions)."""
+    return sync_ptr + (d * tl.num_programs(1) + pid_b) * COUNTER_STRIDE
+
+
 @triton.jit
 def grid_sync(counter_ptr, target):
     """Wait until ``target`` arrivals are counted at ``counter_ptr``.
@@ -24,15 +35,14 @@ def grid_sync(counter_ptr, target):
 
 @triton.jit
 def empty_steps_kernel(sync_ptr, T, SYNC: tl.constexpr):
-    """The persistent kernels' time loop with nothing in it but the grid barrier (counters as in
-    rnn_fwd_kernel: one per direction and batch tile): its time per step is the floor that any
-    step on that grid pays."""
+    """The persistent kernels' time loop with nothing in it but the grid barrier (counters as
+    theirs: group_counter): its time per step is the floor that any step on that grid pays."""
     pid_b = tl.program_id(1)
     d = tl.program_id(2)
     n_prog = tl.num_programs(0)
     for s in range(T):
         if SYNC:
-            grid_sync(sync_ptr + d * tl.num_programs(1) + pid_b, n_prog * (s + 1))
+            grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s + 1))
         else:
             tl.debug_barrier()
 
@@ -40,7 +50,7 @@ def empty_steps_kernel(sync_ptr, T, SYNC: tl.constexpr):
 def empty_steps(grid: tuple, num_warps: int, T: int, device) -> torch.Tensor:
     """Run the empty time loop once on ``grid`` (a cooperative launch where it has a barrier, as
     the persistent kernels); returns the counters (each ends at programs per group x T)."""
-    sync = torch.zeros(grid[1] * grid[2], dtype=torch.int32, device=device)
+    sync = torch.zeros(grid[1] * grid[2] * COUNTER_STRIDE.value, dtype=torch.int32, device=device)
     barrier = grid[0] > 1
     empty_steps_kernel[grid](sync, T, SYNC=barrier, num_warps=num_warps, launch_cooperative_grid=barrier)
-    return sync
+    return sync[::COUNTER_STRIDE.value]

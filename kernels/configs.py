@@ -1,11 +1,13 @@
 """Launch configurations of the recurrent kernels: the config type, the heuristic default, the
 space the autotuner searches and its on-disk cache."""
 import functools
+import hashlib
 import itertools
 import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import triton
 
@@ -233,13 +235,28 @@ def describe(cfg: KernelConfig) -> str:
 CACHE_FORMAT = 1
 
 
+# The sources a winner was timed on: the kernels, their launchers and this config space.
+FINGERPRINTED = ("forward.py", "backward.py", "cells.py", "barrier.py", "packing.py", "configs.py")
+
+
+@functools.lru_cache(maxsize=None)
+def code_fingerprint(folder: str = str(Path(__file__).parent)) -> str:
+    """A short hash of the FINGERPRINTED files: part of every tuning key, so that a winner tuned
+    for other code (an earlier version of this project) is never reused."""
+    digest = hashlib.sha256()
+    for name in FINGERPRINTED:
+        digest.update(name.encode() + b"\0" + (Path(folder) / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def tuning_key(kernel: str, cell: str, hidden_size: int, batch: int, dtype: str, directions: int, device: str,
-               triton_version: str) -> str:
+               triton_version: str, code: str | None = None) -> str:
     """What a tuned config depends on. The batch enters as its power-of-two bucket, so nearby
-    batch sizes share one tuning; T never enters (it changes no code)."""
+    batch sizes share one tuning; T never enters (it changes no code). ``code``: the kernels'
+    fingerprint (default: this checkout's code_fingerprint())."""
     bucket = next_pow2(max(batch, 1))
     return (f"{kernel}|{cell}|H={hidden_size}|B<={bucket}|{dtype}|D={directions}|{device}"
-            f"|triton={triton_version}")
+            f"|triton={triton_version}|code={code or code_fingerprint()}")
 
 
 class AutotuneCache:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels import env
-from kernels.barrier import grid_sync
+from kernels.barrier import COUNTER_STRIDE, grid_sync, group_counter
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
 from kernels.packing import Packing
 from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, cdiv, check_stages,
@@ -158,7 +158,7 @@ def rnn_fwd_kernel(
     cn_ptr,  # [D, B, H], LSTM only
     hbuf_ptr,  # [2, D, B, H] accumulator dtype: ping-pong exchange of h between programs
     cbuf_ptr,  # [D, B, H] accumulator dtype: c carried between stepwise launches
-    sync_ptr,  # [D * batch tiles] int32 barrier counters, zero at launch
+    sync_ptr,  # int32 barrier counters, one per direction and batch tile (barrier.group_counter), zeroed
     act_ptr,  # [T, B, D, S, H] (packed: [N, D, S, H]) input dtype: what backward needs (SAVE only)
     T, B, H, t0, t1,  # this launch runs steps [t0, t1) of T
     stride_xt, stride_xb, stride_ot, stride_ob,  # packed: the row strides in stride_xb, stride_ob
@@ -294,7 +294,7 @@ def rnn_fwd_kernel(
         nxt = hbuf_ptr + ((s + 1) % 2) * slot
         tl.store(nxt + state_rows + units[None, :], h_new, mask=own_mask)
         if SYNC:
-            grid_sync(sync_ptr + d * tl.num_programs(1) + pid_b, n_prog * (s - s_start + 1))
+            grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s - s_start + 1))
         else:
             tl.debug_barrier()
         if RESIDENT:
@@ -556,10 +556,10 @@ class _Layer:
 
 
 def barrier_counters(grid: tuple, device: torch.device) -> torch.Tensor:
-    """One int32 counter per (direction, batch tile), zeroed: the grid barrier's (a memset inside
-    the launch's own work, so a CUDA graph replays it). With one program per group no barrier
-    runs and nothing reads them: no memset."""
-    n = grid[1] * grid[2]
+    """One int32 counter per (direction, batch tile), each on its own 128-byte line, zeroed: the
+    grid barrier's (a memset inside the launch's own work, so a CUDA graph replays it). With one
+    program per group no barrier runs and nothing reads them: no memset."""
+    n = grid[1] * grid[2] * COUNTER_STRIDE.value
     if grid[0] == 1:
         return torch.empty(n, dtype=torch.int32, device=device)
     return torch.zeros(n, dtype=torch.int32, device=device)
@@ -654,8 +654,10 @@ def time_candidates(key: str, candidates: list, run, steps: int, device: torch.d
         try:
             run(cfg)  # compiles; also the warm-up
             ms = _time_ms(lambda: run(cfg), repeats, device) / steps
-        except (triton.runtime.errors.OutOfResources, ValueError, RuntimeError):
-            ms = math.inf  # a candidate this device cannot run
+        # A candidate this device cannot compile or run. Triton's errors (OutOfResources,
+        # PTXASError, CompilationError) derive from TritonError, not RuntimeError.
+        except (triton.errors.TritonError, ValueError, RuntimeError):
+            ms = math.inf
         timings[describe(cfg)] = ms
         if ms < best_ms:
             best, best_ms = cfg, ms

@@ -2,14 +2,16 @@
 import json
 import multiprocessing
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import triton
 
 from kernels import env
-from kernels.configs import (TUNED_SIZES, AutotuneCache, KernelConfig, candidate_backward_configs, candidate_configs,
-                             default_backward_config, default_forward_config, describe, tuning_key)
+from kernels.configs import (FINGERPRINTED, TUNED_SIZES, AutotuneCache, KernelConfig, candidate_backward_configs,
+                             candidate_configs, code_fingerprint, default_backward_config, default_forward_config,
+                             describe, tuning_key)
 from kernels.forward import _Layer, _tuned_or_default, autotune_cache
 
 SHAPES = [(H, B, gates, elt, D) for H, B in TUNED_SIZES for gates in (1, 3, 4) for elt in (2, 4) for D in (1, 2)]
@@ -86,11 +88,31 @@ def test_tuning_key_buckets_batch_and_ignores_nothing_else():
     a = tuning_key("rnn_fwd", "LSTM", 512, 9, "bfloat16", 1, "H100", "3.6.0")
     assert a == tuning_key("rnn_fwd", "LSTM", 512, 16, "bfloat16", 1, "H100", "3.6.0")
     for changed in (dict(cell="GRU"), dict(hidden_size=256), dict(batch=17), dict(dtype="float16"),
-                    dict(directions=2), dict(device="H200"), dict(triton_version="3.7.0")):
+                    dict(directions=2), dict(device="H200"), dict(triton_version="3.7.0"), dict(code="other")):
         args = dict(kernel="rnn_fwd", cell="LSTM", hidden_size=512, batch=9, dtype="bfloat16", directions=1,
                     device="H100", triton_version="3.6.0")
         args.update(changed)
         assert tuning_key(**args) != a, changed
+    assert a.endswith(f"|code={code_fingerprint()}")
+
+
+def test_code_fingerprint_follows_every_kernel_source(tmp_path):
+    """A change to any kernel source or to the config space gives new tuning keys: an upgraded
+    checkout never reuses a winner timed on other code."""
+    import shutil
+
+    from kernels import configs
+    for name in FINGERPRINTED:
+        shutil.copy(Path(configs.__file__).parent / name, tmp_path / name)
+    base = code_fingerprint(str(tmp_path))
+    assert base == code_fingerprint() and len(base) == 12
+    for name in FINGERPRINTED:
+        code_fingerprint.cache_clear()
+        original = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(original + b"\n# changed\n")
+        assert code_fingerprint(str(tmp_path)) != base, name
+        (tmp_path / name).write_bytes(original)
+    code_fingerprint.cache_clear()
 
 
 def test_cache_round_trip(tmp_path):
@@ -169,20 +191,27 @@ def test_tuning_times_every_candidate_and_caches_the_winner(monkeypatch, tmp_pat
                    None, None, None, False)
     candidates = candidate_configs(H, 5, 4, 4, 1)
     assert any(c.num_stages > 1 for c in candidates) and any(c.k_block is None for c in candidates)
-    broken = candidates[1]
+    # Candidates that fail as a device can: at launch, in ptxas, in Triton's compiler (the last
+    # two are TritonErrors, not RuntimeErrors).
+    import ast
+
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import PTXASError
+    failures = {candidates[1]: RuntimeError("cannot launch"), candidates[2]: PTXASError("ptxas failed"),
+                candidates[3]: CompilationError("src", ast.parse("x").body[0], "cannot compile")}
     launch = _Layer.launch
 
     def failing_launch(self, cfg, *args, **kwargs):
-        if cfg == broken:
-            raise RuntimeError("cannot launch")
+        if cfg in failures:
+            raise failures[cfg]
         return launch(self, cfg, *args, **kwargs)
 
     monkeypatch.setattr(_Layer, "launch", failing_launch)
     winner, timings = forward._tune(layer, "the-key", repeats=1)
     assert set(timings) == {describe(c) for c in candidates}
-    assert timings[describe(broken)] == float("inf")
+    assert all(timings[describe(c)] == float("inf") for c in failures)
     finite = {name: ms for name, ms in timings.items() if ms != float("inf")}
-    assert len(finite) == len(candidates) - 1 and all(ms > 0 for ms in finite.values())
+    assert len(finite) == len(candidates) - len(failures) and all(ms > 0 for ms in finite.values())
     assert describe(winner) == min(finite, key=finite.get)
     entry = json.loads((tmp_path / "autotune.json").read_text())["entries"]["the-key"]
     assert KernelConfig(**entry["config"]) == winner and entry["timings_ms_per_step"] == finite
