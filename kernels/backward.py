@@ -14,8 +14,9 @@ from kernels.configs import (KernelConfig, backward_reduction, candidate_backwar
                              default_backward_config)
 from kernels.packing import Packing
 from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _sm_count, autotune_cache, barrier_counters,
-                             check_weights, dense, given_output, layer_key, layout_strides, max_registers, may_tune,
-                             on_input_device, rnn_fwd, seq_offsets, tile_steps, time_candidates)
+                             check_weights, dense, fp32_precision, given_output, layer_key, layout_strides,
+                             max_registers, may_tune, on_input_device, rnn_fwd, seq_offsets, tile_steps,
+                             time_candidates)
 
 
 @triton.jit
@@ -284,7 +285,7 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
     lengths, offsets = (packing.lengths, packing.offsets) if packing is not None else (None, None)
     strides = layout_strides(out, packing, batch_first)
     strides += (0, 0) if d_out is None else layout_strides(d_out, packing, batch_first)
-    precision = "tf32" if (dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    precision = fp32_precision(x)
 
     def launch(cfg: KernelConfig, steps: int | None = None) -> LaunchInfo:
         """The reverse-time loop with partition cfg: every step and then the gradients of h0 and

@@ -489,8 +489,7 @@ class _Layer:
         self.xw = [input_projection(x, w[0], w[2]) for w in weights]
         if first_step is not None:
             self._add_first_step(first_step)
-        self.precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda
-                                    and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+        self.precision = fp32_precision(x)
 
     def _add_first_step(self, first_step):
         """Add first_step[d] ([B, G*H]) to direction d's input projection at its first step: time
@@ -553,6 +552,26 @@ class _Layer:
             for s in range(T):
                 rnn_fwd_kernel[grid](*args, s, s + 1, *strides, SYNC=False, **meta)
         return LaunchInfo("rnn_fwd_kernel", cfg, grid, persistent)
+
+
+def cudnn_rnn_tf32() -> bool:
+    """Whether torch.nn's cuDNN RNN runs float32 in TF32: torch.backends.cudnn.rnn.fp32_precision,
+    where 'none' inherits cuDNN's and then the generic setting (the legacy
+    torch.backends.cudnn.allow_tf32 sets them; on by default), not the matmul flag."""
+    levels = (getattr(torch.backends.cudnn, "rnn", None), torch.backends.cudnn, torch.backends)
+    for level in levels:
+        value = getattr(level, "fp32_precision", None)
+        if value is None:  # a torch before the fp32_precision settings
+            return bool(torch.backends.cudnn.allow_tf32)
+        if value in ("tf32", "ieee"):
+            return value == "tf32"
+    return False
+
+
+def fp32_precision(x: torch.Tensor) -> str:
+    """The recurrent matmuls' precision: float32 on CUDA uses TF32 exactly when torch.nn's cuDNN
+    RNN does, so results and speed compare like for like; else full precision."""
+    return "tf32" if x.dtype == torch.float32 and x.is_cuda and cudnn_rnn_tf32() else "ieee"
 
 
 def barrier_counters(grid: tuple, device: torch.device) -> torch.Tensor:

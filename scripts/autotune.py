@@ -82,7 +82,7 @@ def tune_shape(shape: Shape):
 
     weights = [(weight(G * H, H), weight(G * H, H), weight(G * H), weight(G * H)) for _ in range(D)]
     x = torch.randn(shape.seq, shape.batch, H, device=device, dtype=DTYPES[shape.dtype])
-    torch.backends.cuda.matmul.allow_tf32 = shape.dtype == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = shape.dtype == "tf32"
     tune = tune_forward if shape.kernel == "rnn_fwd" else tune_backward
     return tune(shape.cell, x, weights)
 

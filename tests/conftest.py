@@ -34,6 +34,13 @@ def _default_backend(monkeypatch):
     monkeypatch.delenv("RNN_BACKEND", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _full_precision_fp32(monkeypatch):
+    # float32 on CUDA follows cuDNN's RNN TF32 setting, on by default (kernels.forward.fp32_precision):
+    # tests compare at full precision unless they turn it on (the tf32 cases).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 # --- tests/test_differential.py: command-line option (nothing else of that file lives here) ---
 def pytest_addoption(parser):
     parser.addoption("--diff-examples", type=int, default=None, metavar="N",

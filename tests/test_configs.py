@@ -215,3 +215,21 @@ def test_tuning_times_every_candidate_and_caches_the_winner(monkeypatch, tmp_pat
     assert describe(winner) == min(finite, key=finite.get)
     entry = json.loads((tmp_path / "autotune.json").read_text())["entries"]["the-key"]
     assert KernelConfig(**entry["config"]) == winner and entry["timings_ms_per_step"] == finite
+
+
+def test_fp32_follows_cudnns_rnn_tf32_setting(monkeypatch):
+    """float32 on CUDA uses TF32 exactly where torch.nn's cuDNN RNN does: its own setting, then
+    cuDNN's, then the generic one; never the matmul flag."""
+    from kernels.forward import cudnn_rnn_tf32, fp32_precision
+
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)  # not what cuDNN's RNN reads
+    assert not cudnn_rnn_tf32()  # conftest turned cuDNN's TF32 off through the legacy flag
+    monkeypatch.setattr(cudnn, "allow_tf32", True)
+    assert cudnn_rnn_tf32()  # the legacy flag, on by default in torch
+    if hasattr(cudnn, "rnn") and hasattr(cudnn.rnn, "fp32_precision"):
+        monkeypatch.setattr(cudnn.rnn, "fp32_precision", "ieee")  # the RNN's own setting decides
+        assert not cudnn_rnn_tf32()
+        monkeypatch.setattr(cudnn.rnn, "fp32_precision", "tf32")
+        assert cudnn_rnn_tf32()
+    assert fp32_precision(torch.zeros(1)) == "ieee"  # off CUDA, always full precision

@@ -25,7 +25,9 @@ MODULES = {"RNN_TANH": (torch.nn.RNN, {"nonlinearity": "tanh"}), "RNN_RELU": (to
 @pytest.fixture
 def precision(request, monkeypatch):
     name = request.param
+    # tf32: torch's matmuls (our input projection) and cuDNN's RNN (our recurrent matmuls) alike
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", name == "tf32")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", name == "tf32")
     return name
 
 

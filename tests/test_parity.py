@@ -132,7 +132,7 @@ FP32_CASES = [Case("LSTM", layers=2, bidirectional=True, with_hx=True), Case("GR
 @pytest.mark.interpreter
 @pytest.mark.parametrize("case", FP32_CASES, ids=[c.id for c in FP32_CASES])
 def test_parity_kernels_fp32(case, kernel_device, monkeypatch):
-    """float32 against torch.nn's float32 (tf32 is off by default in torch, so full precision)."""
+    """float32 against torch.nn's float32, both at full precision (conftest turns cuDNN's RNN tf32 off)."""
     monkeypatch.setenv("RNN_BACKEND", "triton")
     ours = _run_case(case, kernel_device, torch.float32, TOL[torch.float32])
     assert ours.last_path.backend == "triton"
