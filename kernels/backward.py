@@ -13,10 +13,10 @@ from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell
 from kernels.configs import (KernelConfig, backward_reduction, candidate_backward_configs, cdiv, check_stages,
                              default_backward_config)
 from kernels.packing import Packing
-from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _sm_count, autotune_cache, barrier_counters,
-                             check_weights, dense, fp32_precision, given_output, layer_key, layout_strides,
-                             max_registers, may_tune, on_input_device, rnn_fwd, seq_offsets, tile_steps,
-                             time_candidates)
+from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _residency_key, _sm_count, autotune_cache,
+                             barrier_counters, check_weights, dense, fp32_precision, given_output, layer_key,
+                             layout_strides, max_registers, may_tune, on_input_device, rnn_fwd, run_persistent,
+                             seq_offsets, tile_steps, time_candidates)
 
 
 @triton.jit
@@ -307,16 +307,22 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
                              precision=precision)
         persistent = _choose_persistent(rnn_bwd_kernel, cfg, grid, args, (1, *strides), meta, device, interpreting)
         t1, finish = (T, 1) if steps is None else (steps, 0)
-        if persistent:
-            rnn_bwd_kernel[grid](*args, 0, t1, finish, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1,
-                                 **meta)
-        else:
+
+        def stepwise():
             # One launch per step; a last one, after every program published the first step's
             # gates, for the gradients of h0 and c0.
             for s in range(t1):
                 rnn_bwd_kernel[grid](*args, s, s + 1, 0, *strides, SYNC=False, **meta)
             if finish:
                 rnn_bwd_kernel[grid](*args, T, T, 1, *strides, SYNC=False, **meta)
+
+        if persistent:
+            persistent = run_persistent(
+                _residency_key(rnn_bwd_kernel, grid, args, meta, device), stepwise,
+                lambda: rnn_bwd_kernel[grid](*args, 0, t1, finish, *strides, SYNC=n_h > 1,
+                                             launch_cooperative_grid=n_h > 1, **meta))
+        else:
+            stepwise()
         return LaunchInfo("rnn_bwd_kernel", cfg, grid, persistent)
 
     if B > 0:

@@ -4,6 +4,7 @@ import functools
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -546,11 +547,18 @@ class _Layer:
         strides = layout_strides(xw[0], packing, self.batch_first) + layout_strides(out, packing, self.batch_first)
         persistent = _choose_persistent(rnn_fwd_kernel, cfg, grid, args, strides, meta, self.device,
                                         self.interpreting)
-        if persistent:
-            rnn_fwd_kernel[grid](*args, 0, T, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, **meta)
-        else:
+
+        def stepwise():
             for s in range(T):
                 rnn_fwd_kernel[grid](*args, s, s + 1, *strides, SYNC=False, **meta)
+
+        if persistent:
+            persistent = run_persistent(
+                _residency_key(rnn_fwd_kernel, grid, args, meta, self.device), stepwise,
+                lambda: rnn_fwd_kernel[grid](*args, 0, T, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1,
+                                             **meta))
+        else:
+            stepwise()
         return LaunchInfo("rnn_fwd_kernel", cfg, grid, persistent)
 
 
@@ -734,6 +742,35 @@ def max_registers(num_warps: int) -> int:
     return min(255, 65536 // (32 * num_warps))
 
 
+def _residency_key(kernel, grid, args, meta, device) -> tuple:
+    # Registers and shared memory depend on the constexprs and dtypes, not on T or B's value.
+    return (kernel, device.index, grid, tuple(sorted(meta.items())), args[0].dtype, args[1].dtype)
+
+
+_warned_refusal = []
+
+
+def run_persistent(key, stepwise, persistent) -> bool:
+    """Run ``persistent()`` (a cooperative launch). Where the driver refuses it (its residency limits
+    differ from our estimate, e.g. under MPS or with other work resident), warn once, remember the
+    grid as not co-resident (residency ``key``) and run ``stepwise()`` (a launch per step) instead:
+    never an error for the user. Returns whether the launch was persistent."""
+    try:
+        persistent()
+        return True
+    except RuntimeError as exc:  # Triton reports the driver's refusal as a RuntimeError
+        if "cooperative" not in str(exc).lower():
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    _residency_cache[key] = False
+    if not _warned_refusal:
+        _warned_refusal.append(reason)
+        warnings.warn(f"the driver refused a persistent (cooperative) launch ({reason}); running that grid with "
+                      f"one launch per step instead, which is slower", RuntimeWarning, stacklevel=3)
+    stepwise()
+    return False
+
+
 def _choose_persistent(kernel, cfg, grid, args, strides, meta, device, interpreting) -> bool:
     """Whether to run ``kernel`` (whose arguments end in t0, t1, strides) as one persistent launch."""
     single = grid[0] == 1  # one program per group needs no grid barrier
@@ -746,8 +783,7 @@ def _choose_persistent(kernel, cfg, grid, args, strides, meta, device, interpret
     if cfg.persistent is False:
         return False
     n_programs = grid[0] * grid[1] * grid[2]
-    # Registers and shared memory depend on the constexprs and dtypes, not on T or B's value.
-    key = (kernel, device.index, grid, tuple(sorted(meta.items())), args[0].dtype, args[1].dtype)
+    key = _residency_key(kernel, grid, args, meta, device)
     fits = _residency_cache.get(key)
     if fits is None:
         fits = single

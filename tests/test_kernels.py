@@ -181,3 +181,50 @@ def test_empty_steps_without_a_barrier(kernel_device):
 
     counters = empty_steps((1, 2, 2), 4, 5, kernel_device)
     assert counters.tolist() == [0, 0, 0, 0]
+
+
+class _RefusingCooperative:
+    """A kernel whose cooperative launches the driver refuses (as under MPS); others run."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if kwargs.get("launch_cooperative_grid"):
+                raise RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch")
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_refused_cooperative_launch_falls_back_to_a_launch_per_step(kind, kernel_device, monkeypatch):
+    """A persistent launch the driver refuses runs as one launch per step, with one warning, and
+    the results are right; other launch errors still raise."""
+    from helpers import assert_grads_close, run_backward
+    from kernels import backward, forward
+
+    # The module under test takes its grid as co-resident (the interpreter would run it stepwise).
+    monkeypatch.setattr(forward if kind == "forward" else backward, "_choose_persistent", lambda *args: True)
+    monkeypatch.setattr(forward, "_residency_cache", {})
+    monkeypatch.setattr(forward, "_warned_refusal", [])
+    config = KernelConfig(hidden_block=16, batch_block=16)  # 2 programs per group: a barrier
+    torch.manual_seed(9)
+    with pytest.warns(RuntimeWarning, match="refused a persistent"):
+        if kind == "forward":
+            monkeypatch.setattr(forward, "rnn_fwd_kernel", _RefusingCooperative(forward.rnn_fwd_kernel))
+            result, ref = run_layer(Cell.GRU, T=4, B=3, H=17, I=5, device=kernel_device, config=config)
+            assert_close(result, ref, TOL[torch.float64])
+            info = result[3]
+        else:
+            monkeypatch.setattr(backward, "rnn_bwd_kernel", _RefusingCooperative(backward.rnn_bwd_kernel))
+            ours, ref, res = run_backward(Cell.LSTM, T=4, B=3, H=17, config=config, device=kernel_device)
+            assert_grads_close(ours, ref, TOL[torch.float64])
+            info = res.info
+    assert not info.persistent and info.grid[0] == 2
+    assert list(forward._residency_cache.values()) == [False]  # later calls go stepwise at once
+    with pytest.raises(RuntimeError, match="illegal address"):
+        forward.run_persistent("key", lambda: None, lambda: (_ for _ in ()).throw(RuntimeError("illegal address")))
