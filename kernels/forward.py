@@ -3,6 +3,7 @@ autotuner that picks its partition."""
 import functools
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -671,13 +672,23 @@ def _tune(layer: _Layer, key: str, repeats: int = 3):
                            layer.device, repeats)
 
 
+PROGRESS_AFTER_S = 2.0  # tuning that takes longer prints one progress line
+
+
 def time_candidates(key: str, candidates: list, run, steps: int, device: torch.device, repeats: int = 3):
     """Time run(cfg) (``steps`` timesteps) for each candidate; cache the fastest under ``key`` and
     return it with each candidate's milliseconds per step (inf where it failed to compile or
     launch). candidates[0], the default, wins if every one fails."""
     timings = {}
     best, best_ms = candidates[0], math.inf
-    for cfg in candidates:
+    start, told = time.perf_counter(), False
+    for i, cfg in enumerate(candidates):
+        if not told and time.perf_counter() - start > PROGRESS_AFTER_S:
+            # One line, so that a first call that takes a while says why (and only once).
+            print(f"fused-rnn: tuning {key.split('|code=')[0]}: {len(candidates)} candidates, {i} done; the "
+                  f"winner is cached in {autotune_cache().path} (RNN_AUTOTUNE=0 skips tuning)", file=sys.stderr,
+                  flush=True)
+            told = True
         try:
             run(cfg)  # compiles; also the warm-up
             ms = _time_ms(lambda: run(cfg), repeats, device) / steps

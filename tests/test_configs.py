@@ -233,3 +233,18 @@ def test_fp32_follows_cudnns_rnn_tf32_setting(monkeypatch):
         monkeypatch.setattr(cudnn.rnn, "fp32_precision", "tf32")
         assert cudnn_rnn_tf32()
     assert fp32_precision(torch.zeros(1)) == "ieee"  # off CUDA, always full precision
+
+
+def test_slow_tuning_prints_one_progress_line(monkeypatch, tmp_path, capsys):
+    from kernels import forward
+
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    candidates = [KernelConfig(16, 16), KernelConfig(32, 16), KernelConfig(64, 16)]
+    monkeypatch.setattr(forward, "PROGRESS_AFTER_S", 1e9)  # quick: nothing printed
+    forward.time_candidates("quick|code=x", candidates, lambda cfg: None, 1, torch.device("cpu"), repeats=1)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(forward, "PROGRESS_AFTER_S", -1.0)  # slow from the start
+    forward.time_candidates("LSTM-key|code=x", candidates, lambda cfg: None, 1, torch.device("cpu"), repeats=1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fused-rnn: tuning LSTM-key: 3 candidates")
+    assert str(tmp_path) in lines[0]
