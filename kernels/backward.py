@@ -287,9 +287,10 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
     strides += (0, 0) if d_out is None else layout_strides(d_out, packing, batch_first)
     precision = fp32_precision(x)
 
-    def launch(cfg: KernelConfig, steps: int | None = None) -> LaunchInfo:
+    def launch(cfg: KernelConfig, steps: int | None = None, compile_only: bool = False) -> LaunchInfo:
         """The reverse-time loop with partition cfg: every step and then the gradients of h0 and
-        c0, or (tuning) only the first ``steps`` steps."""
+        c0, or (tuning) only the first ``steps`` steps; ``compile_only``: compile what the
+        persistent launch would run, and run nothing."""
         n_h = cdiv(H, cfg.hidden_block)
         grid = (n_h, cdiv(B, cfg.batch_block), D)
         xbuf = torch.zeros(2, D, B, G * H, dtype=acc, device=device)
@@ -305,8 +306,13 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
                              packed=packing is not None, has_dout=d_out is not None, has_dhn=d_hn is not None,
                              has_dcn=d_cn is not None, upcast=interpreting and dtype == torch.bfloat16,
                              precision=precision)
-        persistent = _choose_persistent(rnn_bwd_kernel, cfg, grid, args, (1, *strides), meta, device, interpreting)
         t1, finish = (T, 1) if steps is None else (steps, 0)
+        if compile_only:
+            rnn_bwd_kernel.warmup(*args, 0, t1, finish, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1,
+                                  grid=grid, **meta)
+            return LaunchInfo("rnn_bwd_kernel", cfg, grid, True)
+        persistent = _choose_persistent(rnn_bwd_kernel, cfg, grid, (*args, 0, t1, finish, *strides), meta, device,
+                                        interpreting)
 
         def stepwise():
             # One launch per step; a last one, after every program published the first step's
@@ -379,7 +385,8 @@ def _tuned_or_default(cell: Cell, T: int, B: int, D: int, w_hh, precision: str, 
             return cfg or default
     steps = min(T, TUNE_STEPS)
     candidates = candidate_backward_configs(H, B, cell.gates, w_hh.element_size(), D, _sm_count(device))
-    cfg, timings = time_candidates(key, candidates, lambda c: launch(c, steps), steps, device)
+    cfg, timings = time_candidates(key, candidates, lambda c: launch(c, steps), steps, device,
+                                   compile=lambda c: launch(c, steps, compile_only=True))
     if tuning is not None:
         tuning.update(key=key, winner=cfg, timings=timings, default=default)
     return cfg

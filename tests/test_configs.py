@@ -248,3 +248,35 @@ def test_slow_tuning_prints_one_progress_line(monkeypatch, tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fused-rnn: tuning LSTM-key: 3 candidates")
     assert str(tmp_path) in lines[0]
+
+
+def test_candidates_compile_in_parallel_before_timing(monkeypatch, tmp_path):
+    """time_candidates compiles every candidate first, on a thread pool under Triton's
+    asynchronous compile (CUDA only); a candidate whose compile call fails is left to its timed
+    launch; nothing is compiled that way off CUDA."""
+    from triton.runtime import _async_compile
+
+    from kernels import forward
+
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    candidates = [KernelConfig(16, 16), KernelConfig(32, 16), KernelConfig(64, 16)]
+    compiled, modes = [], []
+
+    def compile(cfg):
+        modes.append(_async_compile.active_mode.get())
+        compiled.append(cfg)
+        if cfg == candidates[1]:
+            raise ValueError("not for this shape")
+
+    forward.compile_in_parallel(compile, candidates, torch.device("cuda"))
+    assert compiled == candidates and all(m is not None for m in modes)  # inside Triton's async mode
+    assert _async_compile.active_mode.get() is None
+    compiled.clear()
+    forward.compile_in_parallel(compile, candidates, torch.device("cpu"))  # the interpreter compiles nothing
+    assert compiled == []
+    with _async_compile.AsyncCompileMode(None):  # another one active (inductor's): compile as we time
+        forward.compile_in_parallel(compile, candidates, torch.device("cuda"))
+    runs = []
+    forward.time_candidates("k|code=x", candidates, runs.append, 1, torch.device("cpu"), repeats=1,
+                            compile=compile)
+    assert runs and not compiled  # off CUDA: timed, not precompiled
