@@ -100,8 +100,24 @@ def _preacts(h, w0, w1, w2, w3, G: tl.constexpr, HB: tl.constexpr, BB: tl.conste
 
 
 @triton.jit
-def _gate_input(x_ptr, gate, H, mask, ACC: tl.constexpr):
-    return tl.load(x_ptr + gate * H, mask=mask, other=0.0).to(ACC)
+def _step_inputs(xw_dir, off_ptr, t, rows64, units, mask, stride_xt, stride_xb, T, H, G: tl.constexpr,
+                 PACKED: tl.constexpr):
+    """Step t's input projection of this program's units, one [BB, HB] block per gate, in the input
+    dtype. Loaded a step ahead, before the barrier: it does not depend on h, so its latency leaves
+    the step's critical path. The step after a launch's last is masked off (``mask``); its time is
+    clamped so that even its address stays inside the sequence."""
+    t = tl.minimum(tl.maximum(t, 0), T - 1)
+    x_ptr = xw_dir + seq_offsets(off_ptr, t, rows64, stride_xt, stride_xb, PACKED)[:, None] + units[None, :]
+    x0 = tl.load(x_ptr, mask=mask, other=0.0)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if G >= 3:
+        x1 = tl.load(x_ptr + H, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + 2 * H, mask=mask, other=0.0)
+    if G == 4:
+        x3 = tl.load(x_ptr + 3 * H, mask=mask, other=0.0)
+    return x0, x1, x2, x3
 
 
 @triton.jit
@@ -168,7 +184,7 @@ def rnn_fwd_kernel(
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr,
     FUSED: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr, HAS_BHH: tl.constexpr,
-    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
+    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
     [p*HB, (p+1)*HB) of direction d, all gates, for batch rows [b*BB, (b+1)*BB).
@@ -228,8 +244,12 @@ def rnn_fwd_kernel(
         c = _load_state(c0_ptr, cbuf_ptr, state_rows + units[None, :], own_mask, s_start - s_lo, HAS_C0, ACC)
 
     rows64 = rows.to(tl.int64)
+    t = s_start + d * (T - 1 - 2 * s_start)  # the reverse direction walks time backwards
+    # PREFETCH: each step's input projection is loaded during the step before (the first here).
+    x0, x1, x2, x3 = _step_inputs(xw_dir, off_ptr, t, rows64, units, own_mask & (t < lengths)[:, None]
+                                  & (s_start < s_end) & PREFETCH, stride_xt, stride_xb, T, H, G, PACKED)
     for s in range(s_start, s_end):
-        t = s + d * (T - 1 - 2 * s)  # the reverse direction walks time backwards
+        t = s + d * (T - 1 - 2 * s)
         # Recurrent pre-activations h_{t-1} W_hh^T of this program's units, one per gate.
         if RESIDENT:
             a0, a1, a2, a3 = _preacts(h_full, w0, w1, w2, w3, G, HB, BB, FUSED, PRECISION, ACC)
@@ -252,7 +272,9 @@ def rnn_fwd_kernel(
 
         active = (t < lengths)[:, None]
         io_mask = own_mask & active  # packed data has no row for an ended sequence
-        x_ptr = xw_dir + seq_offsets(off_ptr, t, rows64, stride_xt, stride_xb, PACKED)[:, None] + units[None, :]
+        if not PREFETCH:
+            x0, x1, x2, x3 = _step_inputs(xw_dir, off_ptr, t, rows64, units, io_mask, stride_xt, stride_xb, T, H, G,
+                                          PACKED)
         a0 += _gate_bias(b_ptr, 0, H, b_mask, HAS_BHH, ACC)
         if G >= 3:
             a1 += _gate_bias(b_ptr, 1, H, b_mask, HAS_BHH, ACC)
@@ -260,18 +282,14 @@ def rnn_fwd_kernel(
         if G == 4:
             a3 += _gate_bias(b_ptr, 3, H, b_mask, HAS_BHH, ACC)
         if CELL == LSTM:
-            h_new, c_new, si, sf, tg, so = lstm_cell(a0 + _gate_input(x_ptr, 0, H, io_mask, ACC),
-                                                     a1 + _gate_input(x_ptr, 1, H, io_mask, ACC),
-                                                     a2 + _gate_input(x_ptr, 2, H, io_mask, ACC),
-                                                     a3 + _gate_input(x_ptr, 3, H, io_mask, ACC), c)
+            h_new, c_new, si, sf, tg, so = lstm_cell(a0 + x0.to(ACC), a1 + x1.to(ACC), a2 + x2.to(ACC),
+                                                     a3 + x3.to(ACC), c)
         elif CELL == GRU:
             n_h = a2
-            h_new, r, z, n = gru_cell(a0 + _gate_input(x_ptr, 0, H, io_mask, ACC),
-                                      a1 + _gate_input(x_ptr, 1, H, io_mask, ACC),
-                                      _gate_input(x_ptr, 2, H, io_mask, ACC), n_h, h_own)
+            h_new, r, z, n = gru_cell(a0 + x0.to(ACC), a1 + x1.to(ACC), x2.to(ACC), n_h, h_own)
             c_new = c
         else:
-            h_new = rnn_cell(a0 + _gate_input(x_ptr, 0, H, io_mask, ACC), CELL)
+            h_new = rnn_cell(a0 + x0.to(ACC), CELL)
             c_new = c
         y = h_new
         if PACKED:
@@ -296,6 +314,11 @@ def rnn_fwd_kernel(
                  + units[None, :], y.to(out_ptr.dtype.element_ty), mask=io_mask)
         nxt = hbuf_ptr + ((s + 1) % 2) * slot
         tl.store(nxt + state_rows + units[None, :], h_new, mask=own_mask)
+        if PREFETCH:
+            t_next = t + 1 - 2 * d
+            x0, x1, x2, x3 = _step_inputs(xw_dir, off_ptr, t_next, rows64, units,
+                                          own_mask & (t_next < lengths)[:, None] & (s + 1 < s_end), stride_xt,
+                                          stride_xb, T, H, G, PACKED)
         if SYNC:
             grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s - s_start + 1))
         else:
@@ -769,9 +792,14 @@ def kernel_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, 
         raise ValueError(f"hidden_block={cfg.hidden_block} makes a dot narrower than {MIN_TILE} columns"
                          + ("" if fused else "; use at least 16, or fused_gates for LSTM/GRU"))
     check_stages(cfg, k_block(H))
+    streamed = min(cfg.k_block or k_block(H), k_block(H)) < k_block(H)
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
                 KB=min(cfg.k_block or k_block(H), k_block(H)), STAGES=cfg.num_stages, FUSED=fused, HAS_H0=has_h0,
                 HAS_C0=has_c0, PACKED=packed, HAS_BHH=has_bhh, UPCAST=upcast, PRECISION=precision, SAVE=save,
+                # The next step's input projection is loaded before the barrier, except with 64-row
+                # tiles streaming W_hh: holding it there spilled 40-56 B (sm_90 compile of the LSTM
+                # fp16/bf16 H=1024 B=64 training defaults, HB16-BB64-KB64-fused-w8).
+                PREFETCH=not (streamed and cfg.batch_block >= 64),
                 num_warps=cfg.num_warps,
                 # Left to itself ptxas tends to cap itself at 128 registers and spill: streaming
                 # W_hh, and (since b_hh is added in the kernel) resident LSTM fp32 H=256 and GRU

@@ -228,3 +228,25 @@ def test_refused_cooperative_launch_falls_back_to_a_launch_per_step(kind, kernel
     assert list(forward._residency_cache.values()) == [False]  # later calls go stepwise at once
     with pytest.raises(RuntimeError, match="illegal address"):
         forward.run_persistent("key", lambda: None, lambda: (_ for _ in ()).throw(RuntimeError("illegal address")))
+
+
+@pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
+# One program per group: one persistent launch walks every step (the interpreter runs several
+# programs a launch per step, where no step has a next one to load ahead).
+@pytest.mark.parametrize("config", [KernelConfig(hidden_block=64, batch_block=16),  # next step's xw loaded ahead
+                                    KernelConfig(hidden_block=64, batch_block=64, k_block=16)],  # loaded in step
+                         ids=["prefetch", "in-step"])
+def test_input_projection_prefetch_and_in_step(cell, config, kernel_device):
+    """Both ways of loading a step's input projection (kernel_meta's PREFETCH) give the reference,
+    padded and packed, both directions (the reverse one prefetches backwards in time)."""
+    from kernels.forward import kernel_meta
+
+    meta = kernel_meta(cell, 2, 40, config, has_h0=True, has_c0=True, packed=False, has_bhh=True, upcast=False,
+                       precision="ieee")
+    assert meta["PREFETCH"] == (config.batch_block == 16)
+    for lengths in (None, torch.tensor([5, 3, 1])):
+        torch.manual_seed(11)
+        result, ref = run_layer(cell, T=5, B=3, H=40, I=6, D=2, device=kernel_device, config=config,
+                                lengths=lengths)
+        assert result[3].persistent and result[3].grid[0] == 1
+        assert_close(result, ref, TOL[torch.float64])
