@@ -307,12 +307,11 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
                              has_dcn=d_cn is not None, upcast=interpreting and dtype == torch.bfloat16,
                              precision=precision)
         t1, finish = (T, 1) if steps is None else (steps, 0)
+        whole = (*args, 0, t1, finish, *strides)  # the persistent launch's arguments
         if compile_only:
-            rnn_bwd_kernel.warmup(*args, 0, t1, finish, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1,
-                                  grid=grid, **meta)
+            rnn_bwd_kernel.warmup(*whole, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, grid=grid, **meta)
             return LaunchInfo("rnn_bwd_kernel", cfg, grid, True)
-        persistent = _choose_persistent(rnn_bwd_kernel, cfg, grid, (*args, 0, t1, finish, *strides), meta, device,
-                                        interpreting)
+        persistent = _choose_persistent(rnn_bwd_kernel, cfg, grid, whole, meta, device, interpreting)
 
         def stepwise():
             # One launch per step; a last one, after every program published the first step's
@@ -325,8 +324,7 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
         if persistent:
             persistent = run_persistent(
                 _residency_key(rnn_bwd_kernel, grid, args, meta, device), stepwise,
-                lambda: rnn_bwd_kernel[grid](*args, 0, t1, finish, *strides, SYNC=n_h > 1,
-                                             launch_cooperative_grid=n_h > 1, **meta))
+                lambda: rnn_bwd_kernel[grid](*whole, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, **meta))
         else:
             stepwise()
         return LaunchInfo("rnn_bwd_kernel", cfg, grid, persistent)

@@ -571,12 +571,11 @@ class _Layer:
             offsets, out, hn, cn if is_lstm else None, hbuf, cbuf, sync, saved))
         args += (T, B, H)
         strides = layout_strides(xw[0], packing, self.batch_first) + layout_strides(out, packing, self.batch_first)
+        whole = (*args, 0, T, *strides)  # the persistent launch's arguments: every step
         if compile_only:
-            rnn_fwd_kernel.warmup(*args, 0, T, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, grid=grid,
-                                  **meta)
+            rnn_fwd_kernel.warmup(*whole, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, grid=grid, **meta)
             return LaunchInfo("rnn_fwd_kernel", cfg, grid, True)
-        persistent = _choose_persistent(rnn_fwd_kernel, cfg, grid, (*args, 0, T, *strides), meta, self.device,
-                                        self.interpreting)
+        persistent = _choose_persistent(rnn_fwd_kernel, cfg, grid, whole, meta, self.device, self.interpreting)
 
         def stepwise():
             for s in range(T):
@@ -585,8 +584,7 @@ class _Layer:
         if persistent:
             persistent = run_persistent(
                 _residency_key(rnn_fwd_kernel, grid, args, meta, self.device), stepwise,
-                lambda: rnn_fwd_kernel[grid](*args, 0, T, *strides, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1,
-                                             **meta))
+                lambda: rnn_fwd_kernel[grid](*whole, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, **meta))
         else:
             stepwise()
         return LaunchInfo("rnn_fwd_kernel", cfg, grid, persistent)
