@@ -29,10 +29,12 @@ ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 
 
 def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, flags: dict | None = None,
-                 kernel: str = "fwd") -> dict:
+                 kernel: str = "fwd", B: int = 16) -> dict:
     """Compile rnn_fwd_kernel (kernel="fwd"; flags may add save=True) or rnn_bwd_kernel ("bwd")
-    for sm_90 with every optional input present, on padded sequences, unless ``flags`` says
-    otherwise (packed=True: torch's packed layout); returns {regs, spills (bytes), shared (bytes)}."""
+    for sm_90 as the JIT compiles a launch on a batch of B: every optional input present, padded
+    sequences in [T, B, F] layout, unless ``flags`` says otherwise (packed=True: torch's packed
+    layout). Returns {regs, spills (bytes), shared (bytes)}."""
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -42,13 +44,22 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
     from kernels.forward import kernel_meta, rnn_fwd_kernel
 
     cell = Cell(cell)
+    G = cell.gates
     precision = "tf32" if dtype == "fp32" else "ieee"
+    packed = bool((flags or {}).get("packed"))
     if kernel == "fwd":
         fn = rnn_fwd_kernel
         options = dict(has_h0=True, has_c0=cell == Cell.LSTM, packed=False, has_bhh=True)
         options.update(flags or {})
         meta = dict(kernel_meta(cell, D, H, cfg, upcast=False, precision=precision, **options))  # cached: copy
-        acc_args = ("hbuf_ptr", "cbuf_ptr")
+        acc_args = ("state_ptr",)
+        # (time, sequence) strides of xw [T, B, G*H] and out [T, B, D*H]; packed rows: (0, row)
+        strides = dict(stride_xt=B * G * H, stride_xb=G * H, stride_ot=B * D * H, stride_ob=D * H)
+        if packed:
+            strides.update(stride_xt=0, stride_ot=0)
+        ints = dict(T=4 * B + 3, B=B, H=H, t0=0, t1=4 * B + 3, **strides)
+        if not sync:
+            ints.update(t0=1, t1=2)
     else:
         fn = rnn_bwd_kernel
         options = dict(has_h0=True, has_c0=cell == Cell.LSTM, packed=False, has_dout=True, has_dhn=True,
@@ -56,26 +67,62 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
         options.update(flags or {})
         meta = dict(backward_meta(cell, D, H, cfg, upcast=False, precision=precision, **options))  # cached: copy
         acc_args = ("xbuf_ptr", "dhbuf_ptr", "dcbuf_ptr")
+        strides = dict(stride_ot=B * D * H, stride_ob=D * H, stride_dt=B * D * H, stride_db=D * H)
+        if packed:
+            strides.update(stride_ot=0, stride_dt=0)
+        # The persistent launch finishes (dh0, dc0) in the same launch; a stepwise one does not.
+        ints = dict(T=4 * B + 3, B=B, H=H, t0=0, t1=4 * B + 3, finish=1, **strides)
+        if not sync:
+            ints.update(t0=1, t1=2, finish=0)
     launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"),
                   maxnreg=meta.pop("maxnreg", None), launch_cooperative_grid=sync)
     meta["SYNC"] = sync
-    signature = {}
+    torch_dtype = dict(fp16=torch.float16, bf16=torch.bfloat16, fp32=torch.float32, fp64=torch.float64)[dtype]
+    acc = torch.float64 if dtype == "fp64" else torch.float32
+    values = {}
     for arg in fn.arg_names:
         if arg in meta:
-            signature[arg] = "constexpr"
-        elif arg in ("len_ptr", "sync_ptr"):
-            signature[arg] = "*i32"
+            continue
+        if arg in ("len_ptr", "sync_ptr"):
+            values[arg] = torch.int32
         elif arg == "off_ptr":
-            signature[arg] = "*i64"
+            values[arg] = torch.int64
         elif arg in acc_args:
-            signature[arg] = "*fp64" if dtype == "fp64" else "*fp32"
+            values[arg] = acc
         elif arg.endswith("_ptr"):
-            signature[arg] = f"*{dtype}"
+            values[arg] = torch_dtype
         else:
-            signature[arg] = "i32"
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=meta), target=GPUTarget("cuda", 90, 32),
-                              options=launch)
+            values[arg] = ints[arg]
+    signature, constexprs, attrs = jit_specialisation(fn, values, meta)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=launch)
     return dict(shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"]))
+
+
+def jit_specialisation(fn, values: dict, constexprs: dict):
+    """(signature, constexprs, attrs) of a launch of ``fn`` exactly as Triton's JIT derives them
+    from its arguments: pointers (here torch dtypes, standing for tensors from torch's allocator,
+    which aligns every allocation) 16-byte aligned, integers divisible by 16 marked so, an integer
+    equal to 1 made a constant, except where the kernel opts out (do_not_specialize)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import MockTensor
+
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for i, param in enumerate(fn.params):
+        if param.name in constexprs:
+            signature[param.name] = "constexpr"
+            continue
+        value = values[param.name]
+        value = MockTensor(value) if hasattr(value, "is_floating_point") else value
+        kind, spec = native_specialize_impl(CUDABackend, value, param.is_const, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constants[param.name] = spec
+        elif spec:
+            attrs[(i,)] = CUDABackend.parse_attr(spec)
+    return signature, constants, attrs
 
 
 def _ptxas_report(ptx_text: str) -> dict:
@@ -94,7 +141,7 @@ def _ptxas_report(ptx_text: str) -> dict:
 
 
 def variants(quick: bool, space: bool):
-    """(name, kernel, cell, dtype, H, config, sync, is_default, flags) of each variant worth compiling.
+    """(name, kernel, cell, dtype, H, B, config, sync, is_default, flags) of each variant worth compiling.
 
     Per size: the forward default for inference (with and without the grid barrier), with SAVE
     (training) and on packed sequences, the backward default (both modes, and packed), and with
@@ -124,27 +171,52 @@ def variants(quick: bool, space: bool):
         for kernel, cfg, is_default, sync, flags in jobs:
             # The code depends on H only through its power-of-two padding.
             variant = "-".join(sorted(flags)) if flags else ""
-            key = (kernel, cell, dtype, k_block(H), cfg, sync, variant)
-            if key in seen or (not is_default and (kernel, cell, dtype, k_block(H), cfg, sync, "") in seen):
+            # The JIT specialises B == 1 and B % 16 == 0 (and strides of B); H beyond its padding
+            # only through H % 16 == 0.
+            b_kind = 1 if B == 1 else B % 16 == 0
+            key = (kernel, cell, dtype, k_block(H), H % 16 == 0, b_kind, cfg, sync, variant)
+            if key in seen or (not is_default and (*key[:-1], "") in seen):
                 continue
             seen.add(key)
             kind = ("default" if is_default else "candidate") + (f"-{variant}" if variant else "")
-            yield (f"{kernel}-{cell.name}-{dtype}-H{H}-{kind}-{describe(cfg)}-{'sync' if sync else 'nosync'}",
-                   kernel, cell, dtype, H, cfg, sync, is_default, flags)
+            yield (f"{kernel}-{cell.name}-{dtype}-H{H}-B{B}-{kind}-{describe(cfg)}-{'sync' if sync else 'nosync'}",
+                   kernel, cell, dtype, H, B, cfg, sync, is_default, flags)
     # Each optional input off once: the code without it must compile too.
     from kernels.configs import KernelConfig
     for flag in ("has_h0", "has_c0"):
-        yield f"fwd-LSTM-bf16-no-{flag}", "fwd", Cell.LSTM, "bf16", 64, KernelConfig(16, 16, k_block=32), True, \
-            False, {flag: False}
+        yield f"fwd-LSTM-bf16-no-{flag}", "fwd", Cell.LSTM, "bf16", 64, 16, KernelConfig(16, 16, k_block=32), \
+            True, False, {flag: False}
     for flag in ("has_dout", "has_dhn", "has_h0"):
-        yield f"bwd-GRU-bf16-no-{flag}", "bwd", Cell.GRU, "bf16", 64, KernelConfig(16, 16, k_block=32), True, \
-            False, {flag: False}
+        yield f"bwd-GRU-bf16-no-{flag}", "bwd", Cell.GRU, "bf16", 64, 16, KernelConfig(16, 16, k_block=32), \
+            True, False, {flag: False}
+
+
+def bound_variants():
+    """The probe behind the heuristic's bounds (kernels.configs): LSTM slices of W_hh kept
+    resident, forward (fused gates) and backward, over hidden blocks, reductions, batch tiles,
+    warps and element sizes, compiled as launched on a batch of 16 (64 for 64-row tiles)."""
+    from kernels.cells import Cell
+    from kernels.configs import KernelConfig
+
+    for dtype, kernel, K, HB, BB, warps in itertools.product(("bf16", "fp32"), ("fwd", "bwd"), (256, 512, 1024),
+                                                              (4, 8, 16, 32), (16, 32, 64), (4, 8)):
+        if kernel == "bwd" and HB < 16:
+            continue  # the backward's dot is HB wide
+        cfg = KernelConfig(HB, BB, fused_gates=kernel == "fwd", num_warps=warps)
+        yield (f"bound-{kernel}-LSTM-{dtype}-H{K}-{describe_bound(kernel, K, HB, BB, dtype)}-{warps}warps", kernel,
+               Cell.LSTM, dtype, K, max(BB, 16), cfg, True, False, None)
+
+
+def describe_bound(kernel: str, K: int, HB: int, BB: int, dtype: str) -> str:
+    """The resident slice of W_hh in KiB (forward: [K, 4*HB]; backward: [4*K, HB]) and the tile."""
+    return f"HB{HB}-BB{BB}-slice{4 * HB * K * ELEMENT_SIZE[dtype] // 1024}KiB"
 
 
 def _compile_job(job):
-    name, kernel, cell, dtype, H, cfg, sync, is_default, flags = job
+    name, kernel, cell, dtype, H, B, cfg, sync, is_default, flags = job
     try:
-        return name, is_default, compile_sm90(cell, dtype, H, cfg, sync, flags=flags, kernel=kernel), None
+        # Two directions: their code holds the one-direction code's (a superset of its registers).
+        return name, is_default, compile_sm90(cell, dtype, H, cfg, sync, 2, flags, kernel, B), None
     except Exception as exc:  # report every failing variant, not just the first
         return name, is_default, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
@@ -154,11 +226,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the defaults of a few sizes (the CI test)")
     parser.add_argument("--space", action="store_true", help="also every autotuning candidate")
     parser.add_argument("--kernel", choices=("fwd", "bwd"), help="only this kernel's variants")
+    parser.add_argument("--bounds", action="store_true",
+                        help="the probe behind kernels.configs' resident bounds (a table; fails nothing)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("compile_check: unset TRITON_INTERPRET; it compiles real GPU code")
-    jobs = [j for j in variants(args.quick, args.space) if args.kernel in (None, j[1])]
+    jobs = [j for j in (bound_variants() if args.bounds else variants(args.quick, args.space))
+            if args.kernel in (None, j[1])]
     failed = 0
     print(f"{'variant':<64} {'regs':>5} {'spill B':>8} {'shared B':>9}")
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -172,7 +247,7 @@ def main(argv=None):
             numbers = f"{res['regs']:>5} {res['spills']:>8} {res['shared']:>9}" if res else ""
             print(f"{name:<64} {numbers}" + (f"  FAILED: {problem}" if problem else ""))
     print(f"{len(jobs) - failed} of {len(jobs)} variants compiled for sm_90 within limits")
-    return 1 if failed else 0
+    return 1 if failed and not args.bounds else 0
 
 
 if __name__ == "__main__":
