@@ -66,6 +66,61 @@ def _saved(sv_ptr, slot, H, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _step_loads(saved_ptr, out_ptr, dout_ptr, h0_ptr, c0_ptr, off_ptr, t, ok, rows64, row_ok, unit_ok, units, state,
+                lengths, T, B, H, d, stride_ot, stride_ob, stride_dt, stride_db, CELL: tl.constexpr, G: tl.constexpr,
+                D: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, HAS_DOUT: tl.constexpr,
+                PACKED: tl.constexpr, ACC: tl.constexpr):
+    """Everything step t reads that does not depend on the exchange, as [BB, HB] tiles: dout,
+    the saved activations (LSTM i f g o c; GRU r z n n_h; RNN its output h) and the state before
+    (LSTM c_{t-1}, GRU h_{t-1}; h0/c0 at a sequence's first step). ``ok``: whether step t runs
+    at all (a step past the launch's last loads nothing); t is clamped so that even the address
+    stays inside the sequence."""
+    t = tl.minimum(tl.maximum(t, 0), T - 1)
+    active = row_ok & (t < lengths) & ok
+    act2 = active[:, None] & unit_ok[None, :]
+    last = lengths - 1
+    first = ((d == 0) & (t == 0)) | ((d == 1) & (t == last))
+    prev_mask = act2 & ~first[:, None]
+    t_prev = tl.minimum(tl.maximum(t - 1 + 2 * d, 0), T - 1)  # clamped: only read where not first
+    zero = tl.zeros(act2.shape, ACC)
+    dout = zero
+    if HAS_DOUT:
+        dout = tl.load(dout_ptr + seq_offsets(off_ptr, t, rows64, stride_dt, stride_db, PACKED)[:, None] + d * H
+                       + units[None, :], mask=act2, other=0.0).to(ACC)
+    l0 = zero
+    l1 = zero
+    l2 = zero
+    l3 = zero
+    l4 = zero
+    prev = zero
+    if CELL == LSTM:
+        sv = saved_ptr + _saved_offsets(off_ptr, t, rows64, B, D, d, G, H, PACKED) + units[None, :]
+        l0 = _saved(sv, 0, H, act2, ACC)
+        l1 = _saved(sv, 1, H, act2, ACC)
+        l2 = _saved(sv, 2, H, act2, ACC)
+        l3 = _saved(sv, 3, H, act2, ACC)
+        l4 = _saved(sv, 4, H, act2, ACC)
+        prev = _saved(saved_ptr + _saved_offsets(off_ptr, t_prev, rows64, B, D, d, G, H, PACKED) + units[None, :], 4,
+                      H, prev_mask, ACC)
+        if HAS_C0:
+            prev += tl.load(c0_ptr + state, mask=act2 & first[:, None], other=0.0).to(ACC)
+    elif CELL == GRU:
+        sv = saved_ptr + _saved_offsets(off_ptr, t, rows64, B, D, d, G, H, PACKED) + units[None, :]
+        l0 = _saved(sv, 0, H, act2, ACC)
+        l1 = _saved(sv, 1, H, act2, ACC)
+        l2 = _saved(sv, 2, H, act2, ACC)
+        l3 = _saved(sv, 3, H, act2, ACC)
+        prev = tl.load(out_ptr + seq_offsets(off_ptr, t_prev, rows64, stride_ot, stride_ob, PACKED)[:, None] + d * H
+                       + units[None, :], mask=prev_mask, other=0.0).to(ACC)
+        if HAS_H0:
+            prev += tl.load(h0_ptr + state, mask=act2 & first[:, None], other=0.0).to(ACC)
+    else:
+        l0 = tl.load(out_ptr + seq_offsets(off_ptr, t, rows64, stride_ot, stride_ob, PACKED)[:, None] + d * H
+                     + units[None, :], mask=act2, other=0.0).to(ACC)
+    return dout, l0, l1, l2, l3, l4, prev
+
+
+@triton.jit
 def _put(dg_ptr, xb_ptr, dg_slot, xb_slot, H, value, active, mask, PACKED: tl.constexpr, SHARE: tl.constexpr):
     """One gate's gradient (zero where a sequence has ended) into the sequence of gate gradients
     (input dtype; packed data has no row for an ended sequence) and, when SHARE, into this
@@ -73,7 +128,7 @@ def _put(dg_ptr, xb_ptr, dg_slot, xb_slot, H, value, active, mask, PACKED: tl.co
     value = tl.where(active, value, 0.0)
     tl.store(dg_ptr + dg_slot * H, value.to(dg_ptr.dtype.element_ty), mask=active if PACKED else mask)
     if SHARE:
-        tl.store(xb_ptr + xb_slot * H, value, mask=mask)
+        tl.store(xb_ptr + xb_slot * H, value.to(xb_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["T", "t0", "t1", "finish"])
@@ -89,7 +144,7 @@ def rnn_bwd_kernel(
     dhn_ptr, dcn_ptr,  # [D, B, H]: gradients of h_n, c_n
     dg_ptr,  # out [T, B, D, GR, H] (packed [N, ...]): gate pre-activation gradients (GR: G; GRU 4: r z n n_h)
     dh0_ptr, dc0_ptr,  # out [D, B, H]
-    xbuf_ptr,  # [2, D, B, G*H] accumulator dtype, zeroed: recurrent gate gradients exchanged
+    xbuf_ptr,  # [2, D, B, G*H] input dtype (what the dot consumes), zeroed: recurrent gate gradients exchanged
     dhbuf_ptr, dcbuf_ptr,  # [D, B, H] accumulator dtype: carried gradients between stepwise launches
     sync_ptr,  # int32 barrier counters (barrier.group_counter), zeroed
     T, B, H, t0, t1,  # this launch runs backward steps [t0, t1) of T (step s is time T-1-s forward)
@@ -99,14 +154,16 @@ def rnn_bwd_kernel(
     HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr,
     HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr, HAS_DCN: tl.constexpr,
-    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
     [p*HB, (p+1)*HB) of direction d and holds their columns of W_hh ([G*H, HB], or streams them in
     K chunks when KB < BK). Each step it adds the recurrent gradient dgates_{t+1} W_hh[:, units],
     computes its units' gate gradients, and publishes them for the next step behind the barrier.
+    PREFETCH: what a step reads besides the exchange (_step_loads) is loaded during the step
+    before, ahead of the barrier, so that only the exchange remains on the step's critical path.
     """
-    ACC: tl.constexpr = xbuf_ptr.dtype.element_ty
+    ACC: tl.constexpr = dhbuf_ptr.dtype.element_ty
     GR: tl.constexpr = 4 if CELL == GRU else G
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -141,39 +198,34 @@ def rnn_bwd_kernel(
     s_lo, s_hi, lengths = tile_steps(len_ptr, rows, row_ok, T, 1 - d, PACKED)
     s_start = tl.maximum(t0, s_lo)
     s_end = tl.minimum(t1, s_hi)
-    last = lengths - 1
 
     dh_carry = _load_start(dhn_ptr, dhbuf_ptr, state, own_mask, s_start - s_lo, HAS_DHN, ACC)
     dc = tl.zeros([BB, HB], ACC)
     if CELL == LSTM:
         dc = _load_start(dcn_ptr, dcbuf_ptr, state, own_mask, s_start - s_lo, HAS_DCN, ACC)
 
+    t = T - 1 - s_start + d * (2 * s_start - T + 1)
+    dout, l0, l1, l2, l3, l4, prev = _step_loads(
+        saved_ptr, out_ptr, dout_ptr, h0_ptr, c0_ptr, off_ptr, t, (s_start < s_end) & PREFETCH, rows64, row_ok, unit_ok,
+        units, state, lengths, T, B, H, d, stride_ot, stride_ob, stride_dt, stride_db, CELL, G, D, HAS_H0, HAS_C0,
+        HAS_DOUT, PACKED, ACC)
     for s in range(s_start, s_end):
         t = T - 1 - s + d * (2 * s - T + 1)  # forward time of this step: the reverse direction's is s
+        if not PREFETCH:
+            dout, l0, l1, l2, l3, l4, prev = _step_loads(
+                saved_ptr, out_ptr, dout_ptr, h0_ptr, c0_ptr, off_ptr, t, True, rows64, row_ok, unit_ok, units, state,
+                lengths, T, B, H, d, stride_ot, stride_ob, stride_dt, stride_db, CELL, G, D, HAS_H0, HAS_C0, HAS_DOUT,
+                PACKED, ACC)
         # The exchange slot of step s-1 (zeros before this tile's first step).
-        dh = dh_carry + _recurrent_grad(xbuf_ptr + ((s + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows, row_ok,
-                                        KG, H, BB, HB, BK, KB, STAGES, UPCAST, PRECISION, ACC)
+        dh = dh_carry + dout + _recurrent_grad(xbuf_ptr + ((s + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows,
+                                               row_ok, KG, H, BB, HB, BK, KB, STAGES, UPCAST, PRECISION, ACC)
         active = row_ok & (t < lengths)
         act2 = active[:, None] & unit_ok[None, :]
-        if HAS_DOUT:
-            dh += tl.load(dout_ptr + seq_offsets(off_ptr, t, rows64, stride_dt, stride_db, PACKED)[:, None] + d * H
-                          + units[None, :], mask=act2, other=0.0).to(ACC)
-        # The forward's step before this one, and whether this was the sequence's first step.
-        first = ((d == 0) & (t == 0)) | ((d == 1) & (t == last))
-        prev_mask = act2 & ~first[:, None]
-        t_prev = tl.minimum(tl.maximum(t - 1 + 2 * d, 0), T - 1)  # clamped: only read where not first
         dg = dg_ptr + (seq_offsets(off_ptr, t, rows64, B * D * GR * H, D * GR * H, PACKED)[:, None] + d * GR * H
                        + units[None, :])
         xb = xbuf_ptr + (s % 2) * slot + g_rows + units[None, :]
         if CELL == LSTM:
-            sv = saved_ptr + _saved_offsets(off_ptr, t, rows64, B, D, d, G, H, PACKED) + units[None, :]
-            sv_prev = saved_ptr + _saved_offsets(off_ptr, t_prev, rows64, B, D, d, G, H, PACKED) + units[None, :]
-            c_prev = _saved(sv_prev, 4, H, prev_mask, ACC)
-            if HAS_C0:
-                c_prev += tl.load(c0_ptr + state, mask=act2 & first[:, None], other=0.0).to(ACC)
-            d_i, d_f, d_g, d_o, dc_prev = lstm_cell_bwd(
-                dh, dc, _saved(sv, 0, H, act2, ACC), _saved(sv, 1, H, act2, ACC), _saved(sv, 2, H, act2, ACC),
-                _saved(sv, 3, H, act2, ACC), _saved(sv, 4, H, act2, ACC), c_prev)
+            d_i, d_f, d_g, d_o, dc_prev = lstm_cell_bwd(dh, dc, l0, l1, l2, l3, l4, prev)
             # Past its length a sequence only carries its state: gradients pass through unchanged.
             dc = tl.where(act2, dc_prev, dc)
             dh_carry = tl.where(act2, 0.0, dh)
@@ -182,24 +234,20 @@ def rnn_bwd_kernel(
             _put(dg, xb, 2, 2, H, d_g, act2, own_mask, PACKED, True)
             _put(dg, xb, 3, 3, H, d_o, act2, own_mask, PACKED, True)
         elif CELL == GRU:
-            sv = saved_ptr + _saved_offsets(off_ptr, t, rows64, B, D, d, G, H, PACKED) + units[None, :]
-            h_prev = tl.load(out_ptr + seq_offsets(off_ptr, t_prev, rows64, stride_ot, stride_ob, PACKED)[:, None]
-                             + d * H + units[None, :], mask=prev_mask, other=0.0).to(ACC)
-            if HAS_H0:
-                h_prev += tl.load(h0_ptr + state, mask=act2 & first[:, None], other=0.0).to(ACC)
-            d_r, d_z, d_n, d_nh, dh_direct = gru_cell_bwd(
-                dh, _saved(sv, 0, H, act2, ACC), _saved(sv, 1, H, act2, ACC), _saved(sv, 2, H, act2, ACC),
-                _saved(sv, 3, H, act2, ACC), h_prev)
+            d_r, d_z, d_n, d_nh, dh_direct = gru_cell_bwd(dh, l0, l1, l2, l3, prev)
             dh_carry = tl.where(act2, dh_direct, dh)
             _put(dg, xb, 0, 0, H, d_r, act2, own_mask, PACKED, True)
             _put(dg, xb, 1, 1, H, d_z, act2, own_mask, PACKED, True)
             _put(dg, xb, 2, 0, H, d_n, act2, own_mask, PACKED, False)  # the input projection's n
             _put(dg, xb, 3, 2, H, d_nh, act2, own_mask, PACKED, True)  # the recurrence's n: d_n * r
         else:
-            h = tl.load(out_ptr + seq_offsets(off_ptr, t, rows64, stride_ot, stride_ob, PACKED)[:, None] + d * H
-                        + units[None, :], mask=act2, other=0.0).to(ACC)
             dh_carry = tl.where(act2, 0.0, dh)
-            _put(dg, xb, 0, 0, H, rnn_cell_bwd(dh, h, CELL), act2, own_mask, PACKED, True)
+            _put(dg, xb, 0, 0, H, rnn_cell_bwd(dh, l0, CELL), act2, own_mask, PACKED, True)
+        if PREFETCH:
+            dout, l0, l1, l2, l3, l4, prev = _step_loads(
+                saved_ptr, out_ptr, dout_ptr, h0_ptr, c0_ptr, off_ptr, t - 1 + 2 * d, s + 1 < s_end, rows64, row_ok,
+                unit_ok, units, state, lengths, T, B, H, d, stride_ot, stride_ob, stride_dt, stride_db, CELL, G, D,
+                HAS_H0, HAS_C0, HAS_DOUT, PACKED, ACC)
         if SYNC:
             grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s - s_start + 1))
         else:
@@ -293,7 +341,9 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
         persistent launch would run, and run nothing."""
         n_h = cdiv(H, cfg.hidden_block)
         grid = (n_h, cdiv(B, cfg.batch_block), D)
-        xbuf = torch.zeros(2, D, B, G * H, dtype=acc, device=device)
+        # Gate gradients are exchanged in the input dtype, the one the recurrent dot consumes:
+        # half the traffic of fp32 for 16-bit inputs, the same results.
+        xbuf = torch.zeros(2, D, B, G * H, dtype=dtype, device=device)
         dhbuf = torch.empty(D, B, H, dtype=acc, device=device)
         dcbuf = torch.empty_like(dhbuf) if cell == Cell.LSTM else dhbuf
         sync = barrier_counters(grid, device)
@@ -419,6 +469,7 @@ def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=full_k,
                 KB=min(cfg.k_block or full_k, full_k), STAGES=cfg.num_stages, HAS_H0=has_h0, HAS_C0=has_c0,
                 PACKED=packed, HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn, UPCAST=upcast, PRECISION=precision,
+                PREFETCH=True,
                 # Left to itself ptxas often caps this kernel at 128 registers and spills.
                 num_warps=cfg.num_warps, maxnreg=max_registers(cfg.num_warps),
                 # No software pipelining of the time loop (the K loop has STAGES): it could hoist
