@@ -154,14 +154,14 @@ def rnn_bwd_kernel(
     HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr,
     HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr, HAS_DCN: tl.constexpr,
-    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
+    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
     [p*HB, (p+1)*HB) of direction d and holds their columns of W_hh ([G*H, HB], or streams them in
     K chunks when KB < BK). Each step it adds the recurrent gradient dgates_{t+1} W_hh[:, units],
     computes its units' gate gradients, and publishes them for the next step behind the barrier.
-    PREFETCH: what a step reads besides the exchange (_step_loads) is loaded during the step
-    before, ahead of the barrier, so that only the exchange remains on the step's critical path.
+    What a step reads besides the exchange (_step_loads) is loaded during the step before, ahead
+    of the barrier, so that only the exchange remains on the step's critical path.
     """
     ACC: tl.constexpr = dhbuf_ptr.dtype.element_ty
     GR: tl.constexpr = 4 if CELL == GRU else G
@@ -206,16 +206,11 @@ def rnn_bwd_kernel(
 
     t = T - 1 - s_start + d * (2 * s_start - T + 1)
     dout, l0, l1, l2, l3, l4, prev = _step_loads(
-        saved_ptr, out_ptr, dout_ptr, h0_ptr, c0_ptr, off_ptr, t, (s_start < s_end) & PREFETCH, rows64, row_ok, unit_ok,
+        saved_ptr, out_ptr, dout_ptr, h0_ptr, c0_ptr, off_ptr, t, s_start < s_end, rows64, row_ok, unit_ok,
         units, state, lengths, T, B, H, d, stride_ot, stride_ob, stride_dt, stride_db, CELL, G, D, HAS_H0, HAS_C0,
         HAS_DOUT, PACKED, ACC)
     for s in range(s_start, s_end):
         t = T - 1 - s + d * (2 * s - T + 1)  # forward time of this step: the reverse direction's is s
-        if not PREFETCH:
-            dout, l0, l1, l2, l3, l4, prev = _step_loads(
-                saved_ptr, out_ptr, dout_ptr, h0_ptr, c0_ptr, off_ptr, t, True, rows64, row_ok, unit_ok, units, state,
-                lengths, T, B, H, d, stride_ot, stride_ob, stride_dt, stride_db, CELL, G, D, HAS_H0, HAS_C0, HAS_DOUT,
-                PACKED, ACC)
         # The exchange slot of step s-1 (zeros before this tile's first step).
         dh = dh_carry + dout + _recurrent_grad(xbuf_ptr + ((s + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows,
                                                row_ok, KG, H, BB, HB, BK, KB, STAGES, UPCAST, PRECISION, ACC)
@@ -243,11 +238,10 @@ def rnn_bwd_kernel(
         else:
             dh_carry = tl.where(act2, 0.0, dh)
             _put(dg, xb, 0, 0, H, rnn_cell_bwd(dh, l0, CELL), act2, own_mask, PACKED, True)
-        if PREFETCH:
-            dout, l0, l1, l2, l3, l4, prev = _step_loads(
-                saved_ptr, out_ptr, dout_ptr, h0_ptr, c0_ptr, off_ptr, t - 1 + 2 * d, s + 1 < s_end, rows64, row_ok,
-                unit_ok, units, state, lengths, T, B, H, d, stride_ot, stride_ob, stride_dt, stride_db, CELL, G, D,
-                HAS_H0, HAS_C0, HAS_DOUT, PACKED, ACC)
+        dout, l0, l1, l2, l3, l4, prev = _step_loads(
+            saved_ptr, out_ptr, dout_ptr, h0_ptr, c0_ptr, off_ptr, t - 1 + 2 * d, s + 1 < s_end, rows64, row_ok,
+            unit_ok, units, state, lengths, T, B, H, d, stride_ot, stride_ob, stride_dt, stride_db, CELL, G, D, HAS_H0,
+            HAS_C0, HAS_DOUT, PACKED, ACC)
         if SYNC:
             grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s - s_start + 1))
         else:
@@ -469,7 +463,6 @@ def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=full_k,
                 KB=min(cfg.k_block or full_k, full_k), STAGES=cfg.num_stages, HAS_H0=has_h0, HAS_C0=has_c0,
                 PACKED=packed, HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn, UPCAST=upcast, PRECISION=precision,
-                PREFETCH=True,
                 # Left to itself ptxas often caps this kernel at 128 registers and spills.
                 num_warps=cfg.num_warps, maxnreg=max_registers(cfg.num_warps),
                 # No software pipelining of the time loop (the K loop has STAGES): it could hoist

@@ -184,7 +184,7 @@ def rnn_fwd_kernel(
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr,
     FUSED: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr, HAS_BHH: tl.constexpr,
-    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr, PREFETCH: tl.constexpr,
+    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
     [p*HB, (p+1)*HB) of direction d, all gates, for batch rows [b*BB, (b+1)*BB).
@@ -246,9 +246,9 @@ def rnn_fwd_kernel(
 
     rows64 = rows.to(tl.int64)
     t = s_start + d * (T - 1 - 2 * s_start)  # the reverse direction walks time backwards
-    # PREFETCH: each step's input projection is loaded during the step before (the first here).
+    # Each step's input projection is loaded during the step before (the first one here).
     x0, x1, x2, x3 = _step_inputs(xw_dir, off_ptr, t, rows64, units, own_mask & (t < lengths)[:, None]
-                                  & (s_start < s_end) & PREFETCH, stride_xt, stride_xb, T, H, G, PACKED)
+                                  & (s_start < s_end), stride_xt, stride_xb, T, H, G, PACKED)
     for s in range(s_start, s_end):
         t = s + d * (T - 1 - 2 * s)
         # Recurrent pre-activations h_{t-1} W_hh^T of this program's units, one per gate.
@@ -273,9 +273,6 @@ def rnn_fwd_kernel(
 
         active = (t < lengths)[:, None]
         io_mask = own_mask & active  # packed data has no row for an ended sequence
-        if not PREFETCH:
-            x0, x1, x2, x3 = _step_inputs(xw_dir, off_ptr, t, rows64, units, io_mask, stride_xt, stride_xb, T, H, G,
-                                          PACKED)
         a0 += _gate_bias(b_ptr, 0, H, b_mask, HAS_BHH, ACC)
         if G >= 3:
             a1 += _gate_bias(b_ptr, 1, H, b_mask, HAS_BHH, ACC)
@@ -315,11 +312,10 @@ def rnn_fwd_kernel(
                  + units[None, :], y.to(out_ptr.dtype.element_ty), mask=io_mask)
         nxt = hbuf_ptr + ((s + 1) % 2) * slot
         tl.store(nxt + state_rows + units[None, :], h_new.to(hbuf_ptr.dtype.element_ty), mask=own_mask)
-        if PREFETCH:
-            t_next = t + 1 - 2 * d
-            x0, x1, x2, x3 = _step_inputs(xw_dir, off_ptr, t_next, rows64, units,
-                                          own_mask & (t_next < lengths)[:, None] & (s + 1 < s_end), stride_xt,
-                                          stride_xb, T, H, G, PACKED)
+        t_next = t + 1 - 2 * d
+        x0, x1, x2, x3 = _step_inputs(xw_dir, off_ptr, t_next, rows64, units,
+                                      own_mask & (t_next < lengths)[:, None] & (s + 1 < s_end), stride_xt, stride_xb,
+                                      T, H, G, PACKED)
         if SYNC:
             grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s - s_start + 1))
         else:
@@ -796,14 +792,9 @@ def kernel_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, 
         raise ValueError(f"hidden_block={cfg.hidden_block} makes a dot narrower than {MIN_TILE} columns"
                          + ("" if fused else "; use at least 16, or fused_gates for LSTM/GRU"))
     check_stages(cfg, k_block(H))
-    streamed = min(cfg.k_block or k_block(H), k_block(H)) < k_block(H)
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
                 KB=min(cfg.k_block or k_block(H), k_block(H)), STAGES=cfg.num_stages, FUSED=fused, HAS_H0=has_h0,
                 HAS_C0=has_c0, PACKED=packed, HAS_BHH=has_bhh, UPCAST=upcast, PRECISION=precision, SAVE=save,
-                # The next step's input projection is loaded before the barrier, except with 64-row
-                # tiles streaming W_hh: holding it there spilled 40-56 B (sm_90 compile of the LSTM
-                # fp16/bf16 H=1024 B=64 training defaults, HB16-BB64-KB64-fused-w8).
-                PREFETCH=not (streamed and cfg.batch_block >= 64),
                 num_warps=cfg.num_warps,
                 # Left to itself ptxas tends to cap itself at 128 registers and spill: streaming
                 # W_hh, and (since b_hh is added in the kernel) resident LSTM fp32 H=256 and GRU
