@@ -39,9 +39,11 @@ class KernelConfig:
         fourth gate is zeros) instead of one dot per gate (N = hidden_block each).
     persistent: one launch for all timesteps with a grid barrier (True), one launch per step
         (False), or the launcher's choice (None): persistent whenever the grid is co-resident.
-    num_stages: software-pipelining depth of the K-chunk loop (streamed W_hh only: the next
-        chunks load while the current one multiplies). The time loop is never pipelined: that
-        could hoist the next step's load of h above the grid barrier.
+    num_stages: software-pipelining depth of the K-chunk loop (streamed W_hh only). Triton 3.6
+        overlaps nothing at 2 (it issues chunk i+1's copies after chunk i's dot and waits for
+        them first thing in the next iteration: async_wait num=0); 3 (4) keeps one (two) chunks
+        in flight during each dot (async_wait num=3, 6), sm_90 compiles. The time loop is never
+        pipelined: that could hoist the next step's load of h above the grid barrier.
     """
 
     hidden_block: int
@@ -83,12 +85,25 @@ def k_block(hidden_size: int) -> int:
     return max(MIN_TILE, next_pow2(hidden_size))
 
 
-# What one program keeps on-chip for all steps when the default runs resident: its W_hh slice and
-# its h tile (bytes). Larger slices stream W_hh in K chunks of STREAM_K. Both bounds come from compiling for
-# sm_90 (scripts/compile_check.py): within them the defaults neither spill nor overflow shared memory.
-RESIDENT_WEIGHT_BYTES = 48 * 1024
-RESIDENT_H_BYTES = 32 * 1024
+# What one forward program keeps on-chip for all steps when it runs resident: its W_hh slice and its
+# h tile (bytes). Larger slices stream W_hh in K chunks of STREAM_K. Source: `python -m
+# scripts.compile_check --bounds` (Triton 3.6, sm_90, compiled as the JIT launches it, 2026-11-25):
+# at 8 warps every fused LSTM slice within both bounds compiled without spills, in bf16 and fp32
+# alike (the bounds are bytes), in at most 196 KiB of shared memory (H=1024 HB16 BB16 bf16: 231
+# registers, 160 KiB; H=512 HB32 BB64 bf16: 252, 192 KiB); every 128 KiB h tile spilled, and
+# 256 KiB slices overflow shared memory.
+RESIDENT_WEIGHT_BYTES = 128 * 1024
+RESIDENT_H_BYTES = 64 * 1024
+# The whole layer goes to one program per group (no grid barrier at all) up to this slice: the
+# bound of the earlier (unspecialised) compiles, kept until a GPU times one program against a
+# grid; tuning tries the whole layer up to RESIDENT_WEIGHT_BYTES.
+WHOLE_LAYER_BYTES = 48 * 1024
+# The backward keeps its [G*H, HB] columns of W_hh resident up to this many bytes (its
+# gate-gradient tile [BB, G*H] is loaded whole with them); see default_backward_config.
+BACKWARD_RESIDENT_BYTES = 3 * 1024
 STREAM_K = 64
+# A streamed W_hh pipelines its K chunks this deep: the shallowest depth that overlaps (num_stages).
+PIPELINE_STAGES = 3
 H100_SMS = 132
 
 # (hidden size, batch) pairs whose defaults scripts/compile_check.py verifies and the autotuner's
@@ -104,9 +119,9 @@ def default_forward_config(hidden_size: int, batch: int, gates: int, elt_size: i
     On a GPU: batch tiles of 16 to 64 rows; then the fewest hidden units per program that still
     spread each (direction, batch tile) over the SMs, so the whole grid is co-resident (one
     program per SM) and runs persistently. LSTM/GRU fuse their gates into one dot (4 units per
-    program at least), an RNN needs 16. A slice within RESIDENT_WEIGHT_BYTES stays on-chip (batch
-    tiles of 16 only: wider h tiles spill); otherwise W_hh streams in chunks. A small layer goes
-    whole to one program per group, which needs no grid barrier. Under the
+    program at least), an RNN needs 16. A slice and h tile within the resident bounds stay
+    on-chip (no per-step reload of W_hh from L2); otherwise W_hh streams in chunks. A small
+    layer goes whole to one program per group, which needs no grid barrier. Under the
     interpreter every program costs a Python pass per step, so the whole layer goes to one
     program (fewest passes; it also runs persistently there).
     """
@@ -121,27 +136,40 @@ def default_forward_config(hidden_size: int, batch: int, gates: int, elt_size: i
     max_programs = max(1, sms // groups)
     hidden_block = max(MIN_TILE // width, next_pow2(cdiv(hidden_size, max_programs)))
     hidden_block = min(hidden_block, max(MIN_TILE // width, next_pow2(hidden_size)))
-    if batch_block == 16 and _fits_resident(width * full_k, full_k, batch_block, elt_size):
+    if batch_block == 16 and _fits_resident(width * full_k, hidden_size, batch_block, elt_size, WHOLE_LAYER_BYTES):
         hidden_block = full_k  # the whole layer in one program per group: no grid barrier at all
-    if batch_block == 16 and _fits_resident(width * hidden_block, full_k, batch_block, elt_size):
+    if _fits_resident(width * hidden_block, hidden_size, batch_block, elt_size):
         k = None
     else:
         k = STREAM_K if full_k > STREAM_K else None
-        hidden_block = min(hidden_block, 32 if batch_block == 16 else 16)
+        # Wider streamed slices spill; H not a multiple of 16 (no aligned rows) spills sooner (LSTM
+        # fp32 H=200 HB16 BB64 on packed input: 12 B; HB8 none; sm_90 compiles).
+        widest = 32 if batch_block == 16 else (16 if hidden_size % 16 == 0 else max(8, MIN_TILE // width))
+        hidden_block = min(hidden_block, widest)
     tiny = batch_block == 16 and k is None and width * hidden_block * full_k <= 4096
     # ptxas spills a streamed single-gate 16-bit slice at 8 warps but not at 4 (sm_90 compiles)
     narrow_stream = k is not None and width == 1 and elt_size < 4
+    # Pipelined chunks of a 64-row tile spill where H is not a multiple of 16 (fp32 H=200: 8 to
+    # 1348 B; the same at H=256 and H=512 does not; sm_90 compiles): those load chunk by chunk.
+    pipelined = k is not None and not (hidden_size % 16 and batch_block >= 64)
     return KernelConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, fused_gates=fused,
-                         num_warps=4 if tiny or narrow_stream else 8)
+                         num_warps=4 if tiny or narrow_stream else 8, num_stages=PIPELINE_STAGES if pipelined else 1)
 
 
-def _fits_resident(columns: int, full_k: int, batch_block: int, elt_size: int) -> bool:
-    """Whether a [full_k, columns] slice of W_hh and the [batch_block, full_k] h tile can stay in
-    registers without spilling (bounds read off sm_90 compiles; float32 needs half the elements)."""
+def _fits_resident(columns: int, hidden_size: int, batch_block: int, elt_size: int,
+                   weight_bound: int = RESIDENT_WEIGHT_BYTES) -> bool:
+    """Whether a [K, columns] slice of W_hh and the [batch_block, K] h tile (K: H padded) can
+    stay on-chip for all steps: the bounds above, which hold for H a multiple of 16 (the JIT
+    then knows every row 16-byte aligned). Other H (H=200) spilled with every 64-row tile and
+    stay resident with 16-row tiles only; 64-row tiles that also save for backward spilled past
+    half the slice bound (fp32 H=256 HB32 BB64: 24 B) (compile_check, sm_90, 2026-11-25)."""
+    full_k = k_block(hidden_size)
+    if hidden_size % 16 and batch_block > 16:
+        return False
+    if batch_block >= 64:
+        weight_bound = min(weight_bound, RESIDENT_WEIGHT_BYTES // 2)
     weight_bytes, h_bytes = columns * full_k * elt_size, batch_block * full_k * elt_size
-    if elt_size >= 4:
-        return weight_bytes <= RESIDENT_WEIGHT_BYTES // 2 and h_bytes <= RESIDENT_H_BYTES // 2
-    return weight_bytes <= RESIDENT_WEIGHT_BYTES and h_bytes <= RESIDENT_H_BYTES
+    return weight_bytes <= weight_bound and h_bytes <= RESIDENT_H_BYTES
 
 
 @functools.lru_cache(maxsize=4096)  # pure; on every launch's host path
@@ -162,38 +190,48 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
     # Each step also loads every program's gate gradients ([BB, G*H]): far less stays resident
     # than in the forward; chunks of 2*STREAM_K (STREAM_K for wide batch tiles) compile without
     # spills (sm_90 compiles).
-    if full_k <= STREAM_K or (batch_block == 16 and hidden_block * full_k * elt_size <= RESIDENT_WEIGHT_BYTES // 16):
+    if full_k <= STREAM_K or (batch_block == 16 and hidden_block * full_k * elt_size <= BACKWARD_RESIDENT_BYTES):
         k = None
     else:
         k = 2 * STREAM_K if batch_block == 16 else STREAM_K
         hidden_block = min(hidden_block, 32 if batch_block == 16 else 16)
-    return KernelConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, num_warps=8)
+    return KernelConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, num_warps=8,
+                        num_stages=PIPELINE_STAGES if k and k < full_k else 1)
 
 
 def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
                       sms: int = H100_SMS) -> list[KernelConfig]:
     """The autotuning space of one shape: the default, then its neighbours (half and double the
     hidden block, the other K mode, the other gate layout, the other warp count, and a streamed
-    W_hh with its chunk loads pipelined two deep), every one within the compile-checked bounds (no
-    shared-memory overflow)."""
+    W_hh with its chunk loads pipelined PIPELINE_STAGES deep, or 4 for the default), the whole
+    layer in one program per group, and half the batch tile with twice the hidden block;
+    resident slices only within the resident bounds (past them they spill or overflow shared
+    memory)."""
     base = default_forward_config(hidden_size, batch, gates, elt_size, False, directions, sms)
+    full_k = k_block(hidden_size)
     fused_options = (True, False) if gates > 1 else (False,)
     out = [base]
+
+    def add(hb, bb, k, fused, warps, stages=1):
+        columns = hb * (4 if fused else gates)  # of the whole slice, every gate
+        if hb * (4 if fused else 1) < MIN_TILE or hb > max(MIN_TILE, next_pow2(hidden_size)):
+            return
+        if k is None and not _fits_resident(columns, hidden_size, bb, elt_size):
+            return
+        cfg = KernelConfig(hb, bb, k_block=k, fused_gates=fused, num_warps=warps, num_stages=stages)
+        if cfg not in out:
+            out.append(cfg)
+
     for hb in (base.hidden_block // 2, base.hidden_block, base.hidden_block * 2):
-        for k in (None, STREAM_K) if k_block(hidden_size) > STREAM_K else (None,):
+        for k in (None, STREAM_K) if full_k > STREAM_K else (None,):
             for fused in fused_options:
-                dot_width = hb * (4 if fused else 1)
-                if dot_width < MIN_TILE or hb > max(MIN_TILE, next_pow2(hidden_size)):
-                    continue
-                columns = hb * (4 if fused else gates)  # of the whole slice, every gate
-                if k is None and not _fits_resident(columns // 2, k_block(hidden_size), base.batch_block // 2,
-                                                    elt_size):
-                    continue  # resident slices well past the bound only spill or overflow shared memory
-                for warps, stages in itertools.product((4, 8), (1, 2) if k else (1,)):
-                    cfg = KernelConfig(hb, base.batch_block, k_block=k, fused_gates=fused, num_warps=warps,
-                                       num_stages=stages)
-                    if cfg not in out:
-                        out.append(cfg)
+                for warps, stages in itertools.product((4, 8), (1, PIPELINE_STAGES) if k else (1,)):
+                    add(hb, base.batch_block, k, fused, warps, stages)
+    if base.k_block:
+        add(base.hidden_block, base.batch_block, base.k_block, base.fused_gates, base.num_warps, 4)
+    add(full_k, base.batch_block, None, gates > 1, 8)  # no grid barrier at all
+    if base.batch_block > MIN_TILE:
+        add(2 * base.hidden_block, base.batch_block // 2, None, gates > 1, 8)
     return out
 
 
@@ -206,7 +244,7 @@ def candidate_backward_configs(hidden_size: int, batch: int, gates: int, elt_siz
                                sms: int = H100_SMS) -> list[KernelConfig]:
     """The backward kernel's autotuning space: its default, then half and double the hidden
     block, W_hh's columns resident (up to twice the default's bound) or streamed in chunks of
-    STREAM_K or 2*STREAM_K (pipelined two deep or not), 4 or 8 warps."""
+    STREAM_K or 2*STREAM_K (pipelined PIPELINE_STAGES deep or not), 4 or 8 warps."""
     base = default_backward_config(hidden_size, batch, gates, elt_size, False, directions, sms)
     full_k = backward_reduction(hidden_size, gates)
     out = [base]
@@ -216,9 +254,9 @@ def candidate_backward_configs(hidden_size: int, batch: int, gates: int, elt_siz
         for k in (None, STREAM_K, 2 * STREAM_K):
             if k is not None and k >= full_k:
                 continue
-            if k is None and full_k > STREAM_K and hb * full_k * elt_size > RESIDENT_WEIGHT_BYTES // 8:
+            if k is None and full_k > STREAM_K and hb * full_k * elt_size > 2 * BACKWARD_RESIDENT_BYTES:
                 continue  # far past what stays on-chip: it only spills
-            for warps, stages in itertools.product((4, 8), (1, 2) if k else (1,)):
+            for warps, stages in itertools.product((4, 8), (1, PIPELINE_STAGES) if k else (1,)):
                 cfg = KernelConfig(hb, base.batch_block, k_block=k, num_warps=warps, num_stages=stages)
                 if cfg not in out:
                     out.append(cfg)

@@ -5,7 +5,8 @@ memory overflow, register spills) on a CPU machine. For each variant prints regi
 bytes and shared memory from ptxas; exits non-zero if a variant fails to compile, needs more
 shared memory than an H100 has, or, for a heuristic default, spills.
 
-    python -m scripts.compile_check [--quick] [--space] [--jobs N]
+    python -m scripts.compile_check [--quick] [--space] [--kernel fwd|bwd] [--match TEXT] [--jobs N]
+    python -m scripts.compile_check --bounds
 
 --quick: the defaults (forward, forward saving for training, backward) of a few sizes (CI);
 default: the defaults of every size in kernels.configs.TUNED_SIZES; --space: also every candidate
@@ -226,6 +227,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the defaults of a few sizes (the CI test)")
     parser.add_argument("--space", action="store_true", help="also every autotuning candidate")
     parser.add_argument("--kernel", choices=("fwd", "bwd"), help="only this kernel's variants")
+    parser.add_argument("--match", default="", help="only variants whose name contains this")
     parser.add_argument("--bounds", action="store_true",
                         help="the probe behind kernels.configs' resident bounds (a table; fails nothing)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -233,7 +235,7 @@ def main(argv=None):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("compile_check: unset TRITON_INTERPRET; it compiles real GPU code")
     jobs = [j for j in (bound_variants() if args.bounds else variants(args.quick, args.space))
-            if args.kernel in (None, j[1])]
+            if args.kernel in (None, j[1]) and args.match in j[0]]
     failed = 0
     print(f"{'variant':<64} {'regs':>5} {'spill B':>8} {'shared B':>9}")
     with ProcessPoolExecutor(args.jobs) as pool:

@@ -26,7 +26,7 @@ PARTITIONS = {
     # both at once, stepwise
     "multi-both": (dict(H=33, B=18), KernelConfig(hidden_block=16, batch_block=16, persistent=False), False),
     # the reduction streamed in K chunks of 16 (several, the last partly masked), pipelined, one program
-    "chunked-persistent": (dict(H=40), KernelConfig(hidden_block=64, batch_block=16, k_block=16, num_stages=2),
+    "chunked-persistent": (dict(H=40), KernelConfig(hidden_block=64, batch_block=16, k_block=16, num_stages=3),
                            True),
     # K chunks with several programs and batch tiles, stepwise
     "chunked-multi": (dict(H=40, B=18), KernelConfig(hidden_block=16, batch_block=16, k_block=32, persistent=False),

@@ -9,9 +9,9 @@ import torch
 import triton
 
 from kernels import env
-from kernels.configs import (FINGERPRINTED, TUNED_SIZES, AutotuneCache, KernelConfig, candidate_backward_configs,
-                             candidate_configs, code_fingerprint, default_backward_config, default_forward_config,
-                             describe, tuning_key)
+from kernels.configs import (FINGERPRINTED, RESIDENT_H_BYTES, RESIDENT_WEIGHT_BYTES, TUNED_SIZES, AutotuneCache,
+                             KernelConfig, candidate_backward_configs, candidate_configs, code_fingerprint,
+                             default_backward_config, default_forward_config, describe, k_block, tuning_key)
 from kernels.forward import _Layer, _tuned_or_default, autotune_cache
 
 SHAPES = [(H, B, gates, elt, D) for H, B in TUNED_SIZES for gates in (1, 3, 4) for elt in (2, 4) for D in (1, 2)]
@@ -25,11 +25,27 @@ def test_defaults_and_candidates_are_valid(H, B, gates, elt, D):
     for cfg in candidates:
         width = 4 if cfg.fused_gates and gates > 1 else 1
         assert width * cfg.hidden_block >= 16, cfg
-        assert cfg.batch_block == default.batch_block
+        # The default's batch tile, or half of it (resident, twice the hidden block: as many programs)
+        assert cfg.batch_block == default.batch_block or (
+            2 * cfg.batch_block == default.batch_block and cfg.hidden_block == 2 * default.hidden_block
+            and cfg.k_block is None), cfg
+        if cfg.k_block is None:  # resident only within the compile-checked bounds
+            slice_bytes = cfg.hidden_block * (4 if width == 4 else gates) * k_block(H) * elt
+            assert slice_bytes <= RESIDENT_WEIGHT_BYTES and cfg.batch_block * k_block(H) * elt <= RESIDENT_H_BYTES
         assert not cfg.fused_gates or gates > 1
         assert cfg.num_stages == 1 or cfg.k_block is not None  # only a K-chunk loop pipelines
     streamed = any(c.k_block for c in candidates)
     assert any(c.num_stages > 1 for c in candidates) == streamed
+
+
+@pytest.mark.parametrize("elt", [2, 4])
+def test_forward_default_keeps_w_hh_on_chip_within_the_bounds(elt):
+    """H=1024 LSTM at B=16 fits on-chip once compiled as launched (16-bit and fp32: the bounds are
+    bytes); a 64-row tile of h at H=1024 does not, and streams W_hh; the whole-layer candidate
+    is offered where it fits."""
+    assert default_forward_config(1024, 16, 4, elt, False, 1).k_block is None
+    assert default_forward_config(1024, 64, 4, elt, False, 1).k_block is not None
+    assert any(c.hidden_block == 128 and c.k_block is None for c in candidate_configs(128, 16, 4, 2, 1))
 
 
 @pytest.mark.parametrize("H, B, gates, elt, D", SHAPES[::7])
