@@ -7,14 +7,16 @@
 #
 #   scripts/gpu_check.sh            the gpu tests (at most TEST_SECONDS, default 420), then the quick
 #                                   suite (SUITE=...), recorded: fits one 10-minute call
-#   scripts/gpu_check.sh --full N   part N of the full run, four calls of under 10 minutes each,
-#                                   about 25 minutes of H100 time in all, in this order:
+#   scripts/gpu_check.sh --full N   part N of the full run, five calls of under 10 minutes each,
+#                                   about 30 minutes of H100 time in all, in this order:
 #       1  the gpu tests (at most 360 s)
 #       2  the forward and backward autotune sweep of the shapes the latency, training, packed and
 #          throughput suites run (recorded; 360 s; shapes already tuned are left, so a second call
 #          of part 2 goes on where the first stopped)
 #       3  the latency and packed suites, recorded (240 s + 120 s)
 #       4  the training and throughput suites, recorded (240 s + 120 s)
+#       5  convergence parity: scripts.train --compare, a 2-layer LSTM language model in bf16, ours
+#          and torch.nn from the same weights on the same batches, recorded (at most 300 s)
 #     A suite past its time starts no new case and records the cases measured (its summary says so).
 #     The tuned configs live in reports/gpu_check/autotune-cache/ (RNN_CACHE_DIR) and are copied to
 #     $OUT/autotune-cache/: where the machine was released between calls, put them back there and
@@ -29,10 +31,10 @@ mkdir -p "$reports" "$logs" benchmarks/results
 part=""
 if [ "${1:-}" = "--full" ]; then
     part="${2:-}"
-    case "$part" in 1|2|3|4) ;; *) echo "usage: $0 [--full 1|2|3|4]" >&2; exit 2 ;; esac
+    case "$part" in 1|2|3|4|5) ;; *) echo "usage: $0 [--full 1|2|3|4|5]" >&2; exit 2 ;; esac
     export RNN_CACHE_DIR="${RNN_CACHE_DIR:-$PWD/$reports/autotune-cache}"
 elif [ -n "${1:-}" ]; then
-    echo "usage: $0 [--full 1|2|3|4]" >&2
+    echo "usage: $0 [--full 1|2|3|4|5]" >&2
     exit 2
 fi
 python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name(), "torch", torch.__version__)' || exit 1
@@ -66,6 +68,13 @@ sweep() {  # $1: seconds for all the suites' shapes together
         [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     done
 }
+train_parity() {  # $1: seconds
+    timeout "$1" python3 -m scripts.train --task charlm --cell lstm --layers 2 --hidden 512 --seq-len 256 \
+        --batch 64 --steps 300 --lr 2e-3 --dtype bf16 --compare --record 2>&1 | tee "$logs/train.log"
+    local rc=${PIPESTATUS[0]}
+    echo "training parity exit code $rc"
+    [ "$rc" -eq 0 ] || status=1
+}
 
 case "$part" in
     "") gpu_tests "${TEST_SECONDS:-420}"; suite "${SUITE:-quick}" "" ;;
@@ -73,6 +82,7 @@ case "$part" in
     2) sweep 360 ;;
     3) suite latency 240; suite packed 120 ;;
     4) suite training 240; suite throughput 120 ;;
+    5) train_parity 300 ;;
 esac
 
 if [ -n "${OUT:-}" ]; then
