@@ -93,23 +93,19 @@ def _step_loads(saved_ptr, out_ptr, dout_ptr, h0_ptr, c0_ptr, off_ptr, t, ok, ro
     l3 = zero
     l4 = zero
     prev = zero
-    if CELL == LSTM:
+    if G > 1:  # LSTM and GRU: their four saved activations
         sv = saved_ptr + _saved_offsets(off_ptr, t, rows64, B, D, d, G, H, PACKED) + units[None, :]
         l0 = _saved(sv, 0, H, act2, ACC)
         l1 = _saved(sv, 1, H, act2, ACC)
         l2 = _saved(sv, 2, H, act2, ACC)
         l3 = _saved(sv, 3, H, act2, ACC)
+    if CELL == LSTM:
         l4 = _saved(sv, 4, H, act2, ACC)
         prev = _saved(saved_ptr + _saved_offsets(off_ptr, t_prev, rows64, B, D, d, G, H, PACKED) + units[None, :], 4,
                       H, prev_mask, ACC)
         if HAS_C0:
             prev += tl.load(c0_ptr + state, mask=act2 & first[:, None], other=0.0).to(ACC)
     elif CELL == GRU:
-        sv = saved_ptr + _saved_offsets(off_ptr, t, rows64, B, D, d, G, H, PACKED) + units[None, :]
-        l0 = _saved(sv, 0, H, act2, ACC)
-        l1 = _saved(sv, 1, H, act2, ACC)
-        l2 = _saved(sv, 2, H, act2, ACC)
-        l3 = _saved(sv, 3, H, act2, ACC)
         prev = tl.load(out_ptr + seq_offsets(off_ptr, t_prev, rows64, stride_ot, stride_ob, PACKED)[:, None] + d * H
                        + units[None, :], mask=prev_mask, other=0.0).to(ACC)
         if HAS_H0:
