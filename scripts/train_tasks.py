@@ -10,6 +10,7 @@ batch) and a run resumed from a checkpoint all see the same data, whatever the m
 - ``charlm``: next-character prediction on a text (cross-entropy, accuracy); ``packed``: sequences of
   random lengths, fed to the RNN as a PackedSequence.
 """
+import abc
 import random
 from dataclasses import dataclass, replace
 
@@ -57,7 +58,7 @@ class Batch:
         return replace(self, inputs=move(self.inputs), targets=move(self.targets))
 
 
-class Task:
+class Task(abc.ABC):
     name = ""
     vocab = 0  # > 0: inputs are symbols (an embedding); else `features` floats per step (a linear layer)
     features = 0
@@ -73,8 +74,9 @@ class Task:
     def max_seq_len(self) -> int | None:
         return None
 
+    @abc.abstractmethod
     def batch(self, generator: torch.Generator, size: int, seq_len: int) -> Batch:
-        raise NotImplementedError
+        """``size`` sequences of ``seq_len`` steps drawn from ``generator``."""
 
     def count(self, batch: Batch) -> int:
         """How many loss terms the batch has (the denominator of its mean loss)."""
