@@ -1,6 +1,6 @@
 """Kernel variants (forward and backward) compile for an H100 (sm_90) on this CPU machine,
-without the interpreter: the heuristic defaults of a few sizes and the bf16 and fp64 autotuning
-candidates there fit the H100's shared memory, and the defaults spill no registers (ptxas's report). Compiler-only errors
+without the interpreter: the heuristic defaults of a few sizes and the bf16 autotuning candidates
+of the largest fit the H100's shared memory, and the defaults spill no registers (ptxas's report). Compiler-only errors
 fail here, not on the GPU. The full sweep over kernels.configs.TUNED_SIZES is
 `python -m scripts.compile_check --space` (most of an hour on two cores)."""
 import os
