@@ -150,11 +150,16 @@ def default_forward_config(hidden_size: int, batch: int, gates: int, elt_size: i
     # ptxas spills a streamed single-gate 16-bit slice at 8 warps but not at 4 (sm_90 compiles)
     narrow_stream = k is not None and width == 1 and elt_size < 4
     # Pipelined chunks of a 64-row tile spill where H is not a multiple of 16 (fp32 H=200: 8 to
-    # 1348 B; the same at H=256 and H=512 does not; sm_90 compiles): those load chunk by chunk,
-    # as fp64 does (see default_backward_config).
-    pipelined = k is not None and not (hidden_size % 16 and batch_block >= 64) and elt_size < 8
+    # 1348 B; the same at H=256 and H=512 does not; sm_90 compiles): those load chunk by chunk.
+    stages = _default_stages(k is not None and not (hidden_size % 16 and batch_block >= 64), elt_size)
     return KernelConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, fused_gates=fused,
-                         num_warps=4 if tiny or narrow_stream else 8, num_stages=PIPELINE_STAGES if pipelined else 1)
+                         num_warps=4 if tiny or narrow_stream else 8, num_stages=stages)
+
+
+def _default_stages(streamed: bool, elt_size: int) -> int:
+    """A default's K-chunk pipelining: PIPELINE_STAGES for a streamed W_hh, except fp64 (exact
+    checks, not speed), which spilled pipelined (LSTM backward H=64 B=8: 16-32 B, sm_90)."""
+    return PIPELINE_STAGES if streamed and elt_size < 8 else 1
 
 
 def _fits_resident(columns: int, hidden_size: int, batch_block: int, elt_size: int,
@@ -197,8 +202,7 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
         k = 2 * STREAM_K if batch_block == 16 else STREAM_K
         hidden_block = min(hidden_block, 32 if batch_block == 16 else 16)
     return KernelConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, num_warps=8,
-                        # fp64 (exact checks, not speed) spilled pipelined (LSTM H=64 B=8: 16-32 B)
-                        num_stages=PIPELINE_STAGES if k and k < full_k and elt_size < 8 else 1)
+                        num_stages=_default_stages(bool(k) and k < full_k, elt_size))
 
 
 def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
