@@ -10,13 +10,13 @@ import triton.language as tl
 from kernels import env
 from kernels.barrier import grid_sync, group_counter
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
-from kernels.configs import (KernelConfig, backward_reduction, candidate_backward_configs, cdiv, check_stages,
-                             default_backward_config)
+from kernels.configs import (KernelConfig, backward_piece_rows, backward_reduction, candidate_backward_configs, cdiv,
+                             check_stages, default_backward_config, k_block)
 from kernels.packing import Packing
-from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _residency_key, _sm_count, autotune_cache,
-                             barrier_counters, check_weights, dense, fp32_precision, given_output, layer_key,
-                             layout_strides, max_registers, may_tune, on_input_device, rnn_fwd, run_persistent,
-                             seq_offsets, tile_steps, time_candidates)
+from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _residency_key, _sm_count,
+                             autotune_cache, barrier_counters, check_weights, dense, fp32_precision, given_output,
+                             layer_key, layout_strides, max_registers, may_tune, on_input_device, rnn_fwd,
+                             run_persistent, seq_offsets, tile_steps, time_candidates)
 
 
 @triton.jit
@@ -30,18 +30,40 @@ def _load_start(init_ptr, buf_ptr, offs, mask, t0, HAS_INIT: tl.constexpr, ACC: 
 
 
 @triton.jit
-def _recurrent_grad(src, w, w_dir, units, unit_ok, g_rows, row_ok, KG, H, BB: tl.constexpr, HB: tl.constexpr,
-                    BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr,
-                    PRECISION: tl.constexpr, ACC: tl.constexpr):
+def _resident_columns(w_dir, units, unit_ok, H, G: tl.constexpr, PK: tl.constexpr, SPLIT: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    """This program's columns of W_hh, kept on-chip for every step: a tuple of G * SPLIT [PK, HB]
+    tiles, gate by gate, SPLIT pieces of H (padded) each."""
+    ks = tl.arange(0, PK)
+    pieces = ()
+    for j in tl.static_range(G * SPLIT):
+        rows = (j % SPLIT) * PK + ks
+        w = tl.load(w_dir + ((j // SPLIT) * H + rows)[:, None] * H + units[None, :],
+                    mask=(rows < H)[:, None] & unit_ok[None, :], other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+        pieces = pieces + (w,)
+    return pieces
+
+
+@triton.jit
+def _recurrent_grad(src, pieces, w_dir, units, unit_ok, g_rows, row_ok, KG, H, G: tl.constexpr, BB: tl.constexpr,
+                    HB: tl.constexpr, PK: tl.constexpr, SPLIT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
+                    STAGES: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """dgates_{t+1} [BB, G*H] (every program's, from ``src``) times this program's columns of
-    W_hh [G*H, HB]: the gradient reaching h_t through the recurrence."""
-    ks = tl.arange(0, KB)
+    W_hh [G*H, HB]: the gradient reaching h_t through the recurrence. Resident (KB == BK): one dot
+    per on-chip piece, so that only a [BB, PK] piece of the gradients is live at a time (the whole
+    [BB, G*H] tile at once spilled, sm_90 compiles); else K chunks of the stacked gates, streamed."""
+    acc = tl.zeros([BB, HB], ACC)
     if KB == BK:
-        g = tl.load(src + g_rows + ks[None, :], mask=row_ok[:, None] & (ks < KG)[None, :], other=0.0,
-                    cache_modifier=".cg")
-        return tl.dot(g.to(w.dtype), w, input_precision=PRECISION, out_dtype=ACC)
+        ks = tl.arange(0, PK)
+        for j in tl.static_range(G * SPLIT):
+            rows = (j % SPLIT) * PK + ks
+            g = tl.load(src + g_rows + (j // SPLIT) * H + rows[None, :], mask=row_ok[:, None] & (rows < H)[None, :],
+                        other=0.0, cache_modifier=".cg")
+            acc = tl.dot(g.to(pieces[j].dtype), pieces[j], acc, input_precision=PRECISION, out_dtype=ACC)
     else:
-        acc = tl.zeros([BB, HB], ACC)
+        ks = tl.arange(0, KB)
         for k0 in tl.range(0, KG, KB, num_stages=STAGES):
             kk = k0 + ks
             wc = tl.load(w_dir + kk[:, None] * H + units[None, :], mask=(kk < KG)[:, None] & unit_ok[None, :],
@@ -51,7 +73,7 @@ def _recurrent_grad(src, w, w_dir, units, unit_ok, g_rows, row_ok, KG, H, BB: tl
             g = tl.load(src + g_rows + kk[None, :], mask=row_ok[:, None] & (kk < KG)[None, :], other=0.0,
                         cache_modifier=".cg")
             acc += tl.dot(g.to(wc.dtype), wc, input_precision=PRECISION, out_dtype=ACC)
-        return acc
+    return acc
 
 
 @triton.jit
@@ -147,15 +169,16 @@ def rnn_bwd_kernel(
     finish,  # 1: then (every step's gates published) the gradients of h0 and c0
     stride_ot, stride_ob, stride_dt, stride_db,
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr,
+    HB: tl.constexpr, BB: tl.constexpr, PK: tl.constexpr, SPLIT: tl.constexpr, BK: tl.constexpr,
+    KB: tl.constexpr, STAGES: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr,
     HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr, HAS_DCN: tl.constexpr,
     SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
-    [p*HB, (p+1)*HB) of direction d and holds their columns of W_hh ([G*H, HB], or streams them in
-    K chunks when KB < BK). Each step it adds the recurrent gradient dgates_{t+1} W_hh[:, units],
-    computes its units' gate gradients, and publishes them for the next step behind the barrier.
+    [p*HB, (p+1)*HB) of direction d and holds their columns of W_hh on-chip (G*SPLIT pieces of
+    [PK, HB]), or streams them in K chunks of the stacked gates when KB < BK. Each step it adds
+    the recurrent gradient dgates_{t+1} W_hh[:, units], computes its units' gate gradients, and
+    publishes them for the next step behind the barrier.
     What a step reads besides the exchange (_step_loads) is loaded during the step before, ahead
     of the barrier, so that only the exchange remains on the step's critical path.
     """
@@ -182,13 +205,9 @@ def rnn_bwd_kernel(
     slot = D * B * KG
 
     if KB == BK:
-        # This program's columns of W_hh, every gate's rows: on-chip for all steps.
-        ks = tl.arange(0, KB)
-        w = tl.load(w_dir + ks[:, None] * H + units[None, :], mask=(ks < KG)[:, None] & unit_ok[None, :], other=0.0)
-        if UPCAST:
-            w = w.to(tl.float32)
+        pieces = _resident_columns(w_dir, units, unit_ok, H, G, PK, SPLIT, UPCAST)
     else:
-        w = tl.zeros([1, 1], tl.float32)  # streamed in chunks instead
+        pieces = (tl.zeros([1, 1], tl.float32),)  # streamed in chunks instead
     # Backward step s is forward time T-1-s (time s in reverse): the forward direction meets the
     # idle end of packed time first.
     s_lo, s_hi, lengths = tile_steps(len_ptr, rows, row_ok, T, 1 - d, PACKED)
@@ -208,8 +227,9 @@ def rnn_bwd_kernel(
     for s in range(s_start, s_end):
         t = T - 1 - s + d * (2 * s - T + 1)  # forward time of this step: the reverse direction's is s
         # The exchange slot of step s-1 (zeros before this tile's first step).
-        dh = dh_carry + dout + _recurrent_grad(xbuf_ptr + ((s + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows,
-                                               row_ok, KG, H, BB, HB, BK, KB, STAGES, UPCAST, PRECISION, ACC)
+        dh = dh_carry + dout + _recurrent_grad(xbuf_ptr + ((s + 1) % 2) * slot, pieces, w_dir, units, unit_ok,
+                                               g_rows, row_ok, KG, H, G, BB, HB, PK, SPLIT, BK, KB, STAGES, UPCAST,
+                                               PRECISION, ACC)
         active = row_ok & (t < lengths)
         act2 = active[:, None] & unit_ok[None, :]
         dg = dg_ptr + (seq_offsets(off_ptr, t, rows64, B * D * GR * H, D * GR * H, PACKED)[:, None] + d * GR * H
@@ -244,9 +264,14 @@ def rnn_bwd_kernel(
             tl.debug_barrier()
 
     if finish != 0:
+        if KB == BK:
+            # Loaded again: the loop's on-chip tiles used here were read into registers before
+            # the loop and held through every step, which spilled (sm_90 compiles).
+            pieces = _resident_columns(w_dir, units, unit_ok, H, G, PK, SPLIT, UPCAST)
         # The tile's last step's gates (slot of step s_hi - 1) reach h0 through W_hh as well.
-        dh0 = dh_carry + _recurrent_grad(xbuf_ptr + ((s_hi + 1) % 2) * slot, w, w_dir, units, unit_ok, g_rows,
-                                         row_ok, KG, H, BB, HB, BK, KB, STAGES, UPCAST, PRECISION, ACC)
+        dh0 = dh_carry + _recurrent_grad(xbuf_ptr + ((s_hi + 1) % 2) * slot, pieces, w_dir, units, unit_ok,
+                                         g_rows, row_ok, KG, H, G, BB, HB, PK, SPLIT, BK, KB, STAGES, UPCAST,
+                                         PRECISION, ACC)
         tl.store(dh0_ptr + state, dh0.to(dh0_ptr.dtype.element_ty), mask=own_mask)
         if CELL == LSTM:
             tl.store(dc0_ptr + state, dc.to(dc0_ptr.dtype.element_ty), mask=own_mask)
@@ -342,10 +367,10 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
             saved, out, h0, c0, lengths, offsets, w_hh[0], w_hh[-1], d_out, d_hn, d_cn, dg, dh0, dc0, xbuf, dhbuf,
             dcbuf, sync))
         args += (T, B, H)
-        meta = backward_meta(cell, D, H, cfg, has_h0=h0 is not None, has_c0=c0 is not None,
-                             packed=packing is not None, has_dout=d_out is not None, has_dhn=d_hn is not None,
-                             has_dcn=d_cn is not None, upcast=interpreting and dtype == torch.bfloat16,
-                             precision=precision)
+        meta = backward_meta(cell, D, H, cfg, elt_size=dtype.itemsize, has_h0=h0 is not None,
+                             has_c0=c0 is not None, packed=packing is not None, has_dout=d_out is not None,
+                             has_dhn=d_hn is not None, has_dcn=d_cn is not None,
+                             upcast=interpreting and dtype == torch.bfloat16, precision=precision)
         t1, finish = (T, 1) if steps is None else (steps, 0)
         whole = (*args, 0, t1, finish, *strides)  # the persistent launch's arguments
         if compile_only:
@@ -372,7 +397,8 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
     if B > 0:
         info = launch(config or _tuned_or_default(cell, T, B, D, w_hh[0], precision, packing, launch, tuning))
     else:
-        cfg = config or default_backward_config(H, B, G, w_hh[0].element_size(), interpreting, D, _sm_count(device))
+        cfg = config or default_backward_config(H, B, G, w_hh[0].element_size(), interpreting, D, _sm_count(device),
+                                                packing is not None)
         info = LaunchInfo("rnn_bwd_kernel", cfg, (cdiv(H, cfg.hidden_block), 0, D), False)
         dg.zero_()
         dh0.zero_()
@@ -413,7 +439,7 @@ def _tuned_or_default(cell: Cell, T: int, B: int, D: int, w_hh, precision: str, 
     H = w_hh.shape[1]
     device = w_hh.device
     default = default_backward_config(H, B, cell.gates, w_hh.element_size(), env.interpreting(), D,
-                                      _sm_count(device))
+                                      _sm_count(device), packing is not None)
     if tuning is None and not may_tune(device, B):
         return default
     key = layer_key("rnn_bwd", cell, H, B, w_hh.dtype, precision, D, device)
@@ -448,17 +474,20 @@ def tune_backward(cell: Cell, x, weights, batch_first: bool = False):
 
 
 @functools.lru_cache(maxsize=4096)  # pure; on every launch's host path
-def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, has_c0: bool, packed: bool,
-                  has_dout: bool, has_dhn: bool, has_dcn: bool, upcast: bool, precision: str) -> dict:
-    """The constexprs and launch options of rnn_bwd_kernel (all but SYNC)."""
+def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, elt_size: int, has_h0: bool, has_c0: bool,
+                  packed: bool, has_dout: bool, has_dhn: bool, has_dcn: bool, upcast: bool, precision: str) -> dict:
+    """The constexprs and launch options of rnn_bwd_kernel (all but SYNC); elt_size: bytes of an
+    element of the input dtype."""
     cell = Cell(cell)
     if cfg.hidden_block < 16:
         raise ValueError(f"rnn_bwd: hidden_block must be at least 16 (one dot tile), got {cfg.hidden_block}")
     full_k = backward_reduction(H, cell.gates)
     check_stages(cfg, full_k)
-    return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=full_k,
-                KB=min(cfg.k_block or full_k, full_k), STAGES=cfg.num_stages, HAS_H0=has_h0, HAS_C0=has_c0,
-                PACKED=packed, HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn, UPCAST=upcast, PRECISION=precision,
+    piece = backward_piece_rows(H, cfg.batch_block, elt_size)
+    return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, PK=piece,
+                SPLIT=k_block(H) // piece, BK=full_k, KB=min(cfg.k_block or full_k, full_k), STAGES=cfg.num_stages,
+                HAS_H0=has_h0, HAS_C0=has_c0, PACKED=packed, HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn,
+                UPCAST=upcast, PRECISION=precision,
                 # Left to itself ptxas often caps this kernel at 128 registers and spills.
                 num_warps=cfg.num_warps, maxnreg=max_registers(cfg.num_warps),
                 # No software pipelining of the time loop (the K loop has STAGES): it could hoist

@@ -98,9 +98,17 @@ RESIDENT_H_BYTES = 64 * 1024
 # bound of the earlier (unspecialised) compiles, kept until a GPU times one program against a
 # grid; tuning tries the whole layer up to RESIDENT_WEIGHT_BYTES.
 WHOLE_LAYER_BYTES = 48 * 1024
-# The backward keeps its [G*H, HB] columns of W_hh resident up to this many bytes (its
-# gate-gradient tile [BB, G*H] is loaded whole with them); see default_backward_config.
-BACKWARD_RESIDENT_BYTES = 3 * 1024
+# The backward keeps its columns of W_hh resident (all gates within RESIDENT_WEIGHT_BYTES) with
+# 16-row batch tiles and 8 warps, and reduces against them one piece at a time: [16, PK] of the
+# exchanged gradients against a [PK, HB] piece of one gate's columns, PK rows within this many
+# bytes of gradients. Each dot holds both operands' fragments whole in every warp, so registers
+# grow with PK. Source: `python -m scripts.compile_check --bounds --kernel bwd` and single
+# variants (Triton 3.6, sm_90, as launched, 2026-11-25), LSTM, HB16 BB16 8 warps: a whole gate per
+# dot spilled from 32 KiB (bf16 H=1024: 64 B; fp32 H=512: 80 B), pieces of 16 KiB still spilled
+# (80 B), pieces of 8 KiB did not (bf16 H=1024: 254 registers, 136 KiB shared; fp32 H=512: 250;
+# bf16 H=512: 234). At 4 warps resident slices spilled from bf16 H=256 HB32 (32 B), at 32- and
+# 64-row tiles from 16 KiB (bf16 H=256 HB32 BB32: 224 B).
+BACKWARD_GRADIENT_CHUNK_BYTES = 8 * 1024
 STREAM_K = 64
 # A streamed W_hh pipelines its K chunks this deep: the shallowest depth that overlaps (num_stages).
 PIPELINE_STAGES = 3
@@ -180,11 +188,14 @@ def _fits_resident(columns: int, hidden_size: int, batch_block: int, elt_size: i
 
 @functools.lru_cache(maxsize=4096)  # pure; on every launch's host path
 def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: int, interpreting: bool,
-                            directions: int = 1, sms: int = H100_SMS) -> KernelConfig:
+                            directions: int = 1, sms: int = H100_SMS, packed: bool = False) -> KernelConfig:
     """Heuristic partition of the backward kernel (fused_gates unused). A program owns hidden
     units and holds their columns of W_hh across all gates ([G*H, HB]); its recurrent product
-    reduces over G*H, so k_block chunks that reduction. The dot's width is the hidden block, so
-    at least 16 units per program; otherwise the same rules as the forward default."""
+    reduces over G*H: one dot per gate against resident columns, or k_block chunks of the
+    stacked gates streamed. The dot's width is the hidden block, so at least 16 units per
+    program; otherwise the same rules as the forward default. ``packed``: for packed sequences,
+    whose per-row offsets take registers: resident slices spilled there (LSTM bf16 H=256 to 768
+    HB16: 32-64 B; sm_90 compiles), so they stream."""
     full_k = backward_reduction(hidden_size, gates)
     if interpreting:
         batch_block = min(64, max(MIN_TILE, next_pow2(max(batch, 1))))
@@ -193,16 +204,35 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
     groups = directions * cdiv(max(batch, 1), batch_block)
     hidden_block = max(MIN_TILE, next_pow2(cdiv(hidden_size, max(1, sms // groups))))
     hidden_block = min(hidden_block, k_block(hidden_size))
-    # Each step also loads every program's gate gradients ([BB, G*H]): far less stays resident
-    # than in the forward; chunks of 2*STREAM_K (STREAM_K for wide batch tiles) compile without
-    # spills (sm_90 compiles).
-    if full_k <= STREAM_K or (batch_block == 16 and hidden_block * full_k * elt_size <= BACKWARD_RESIDENT_BYTES):
+    if full_k <= STREAM_K or (not packed and _fits_backward_resident(hidden_block, hidden_size, gates, batch_block,
+                                                                     elt_size)):
         k = None
     else:
+        # Streamed in chunks of the stacked gates: 2*STREAM_K (STREAM_K for wide batch tiles)
+        # compile without spills (sm_90 compiles).
         k = 2 * STREAM_K if batch_block == 16 else STREAM_K
         hidden_block = min(hidden_block, 32 if batch_block == 16 else 16)
     return KernelConfig(hidden_block=hidden_block, batch_block=batch_block, k_block=k, num_warps=8,
                         num_stages=_default_stages(bool(k) and k < full_k, elt_size))
+
+
+def _fits_backward_resident(hidden_block: int, hidden_size: int, gates: int, batch_block: int, elt_size: int) -> bool:
+    """Whether the backward can keep a program's columns of W_hh on-chip for all steps (the
+    bounds at BACKWARD_GRADIENT_CHUNK_BYTES). These spilled, sm_90 compiles: H not a multiple of
+    16 (LSTM bf16 H=200 HB16: 48-240 B), a gate's column past 4 KiB (RNN fp32 H=2048 HB16: 8-56
+    B), fp64 (LSTM H=64 HB16: 144 B; exact checks, not speed)."""
+    full_k = k_block(hidden_size)
+    return (batch_block == MIN_TILE and hidden_size % MIN_TILE == 0 and elt_size <= 4
+            and full_k * elt_size <= 4096 and gates * full_k * hidden_block * elt_size <= RESIDENT_WEIGHT_BYTES)
+
+
+def backward_piece_rows(hidden_size: int, batch_block: int, elt_size: int) -> int:
+    """Rows of W_hh per on-chip piece of a resident backward (see BACKWARD_GRADIENT_CHUNK_BYTES):
+    H padded, halved until a piece of the gradient tile fits."""
+    rows = k_block(hidden_size)
+    while rows > MIN_TILE and batch_block * rows * elt_size > BACKWARD_GRADIENT_CHUNK_BYTES:
+        rows //= 2
+    return rows
 
 
 def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
@@ -249,8 +279,8 @@ def backward_reduction(hidden_size: int, gates: int) -> int:
 def candidate_backward_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
                                sms: int = H100_SMS) -> list[KernelConfig]:
     """The backward kernel's autotuning space: its default, then half and double the hidden
-    block, W_hh's columns resident (up to twice the default's bound) or streamed in chunks of
-    STREAM_K or 2*STREAM_K (pipelined PIPELINE_STAGES deep or not), 4 or 8 warps."""
+    block, W_hh's columns resident (within _fits_backward_resident's bounds) or streamed in
+    chunks of STREAM_K or 2*STREAM_K (pipelined PIPELINE_STAGES deep or not), 4 or 8 warps."""
     base = default_backward_config(hidden_size, batch, gates, elt_size, False, directions, sms)
     full_k = backward_reduction(hidden_size, gates)
     out = [base]
@@ -260,9 +290,12 @@ def candidate_backward_configs(hidden_size: int, batch: int, gates: int, elt_siz
         for k in (None, STREAM_K, 2 * STREAM_K):
             if k is not None and k >= full_k:
                 continue
-            if k is None and full_k > STREAM_K and hb * full_k * elt_size > 2 * BACKWARD_RESIDENT_BYTES:
-                continue  # far past what stays on-chip: it only spills
+            if k is None and full_k > STREAM_K and not _fits_backward_resident(hb, hidden_size, gates,
+                                                                              base.batch_block, elt_size):
+                continue  # past what stays on-chip: it only spills
             for warps, stages in itertools.product((4, 8), (1, PIPELINE_STAGES) if k else (1,)):
+                if k is None and full_k > STREAM_K and warps < 8:
+                    continue  # resident slices spill at 4 warps
                 cfg = KernelConfig(hb, base.batch_block, k_block=k, num_warps=warps, num_stages=stages)
                 if cfg not in out:
                     out.append(cfg)

@@ -67,8 +67,9 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
         options = dict(has_h0=True, has_c0=cell == Cell.LSTM, packed=False, has_dout=True, has_dhn=True,
                        has_dcn=cell == Cell.LSTM)
         options.update(flags or {})
-        meta = dict(backward_meta(cell, D, H, cfg, upcast=False, precision=precision, **options))  # cached: copy
-        acc_args = ("xbuf_ptr", "dhbuf_ptr", "dcbuf_ptr")
+        meta = dict(backward_meta(cell, D, H, cfg, elt_size=ELEMENT_SIZE[dtype], upcast=False, precision=precision,
+                                  **options))  # cached: copy
+        acc_args = ("dhbuf_ptr", "dcbuf_ptr")  # the gate-gradient exchange is in the input dtype
         strides = dict(stride_ot=B * D * H, stride_ob=D * H, stride_dt=B * D * H, stride_db=D * H)
         if packed:
             strides.update(stride_ot=0, stride_dt=0)
@@ -167,7 +168,8 @@ def variants(quick: bool, space: bool):
         jobs += [("fwd", default, True, True, {"save": True}), ("fwd", default, True, True, {"packed": True})]
         backward = default_backward_config(H, B, cell.gates, elt, False, D)
         jobs += [("bwd", backward, True, sync, None) for sync in (False, True)]
-        jobs.append(("bwd", backward, True, True, {"packed": True}))
+        jobs.append(("bwd", default_backward_config(H, B, cell.gates, elt, False, D, packed=True), True, True,
+                     {"packed": True}))
         # --quick: bf16's candidates only, at the largest size (see the docstring).
         if space and not (quick and (dtype != "bf16" or H != sizes[-1][0])):
             jobs += [("fwd", cfg, False, True, None) for cfg in candidate_configs(H, B, cell.gates, elt, D)]
@@ -177,7 +179,7 @@ def variants(quick: bool, space: bool):
             variant = "-".join(sorted(flags)) if flags else ""
             # The JIT specialises B == 1 and B % 16 == 0 (and strides of B); H beyond its padding
             # only through H % 16 == 0.
-            b_kind = 1 if B == 1 else B % 16 == 0
+            b_kind = "one" if B == 1 else B % 16 == 0  # not 1: it would equal True
             key = (kernel, cell, dtype, k_block(H), H % 16 == 0, b_kind, cfg, sync, variant)
             if key in seen or (not is_default and (*key[:-1], "") in seen):
                 continue

@@ -135,6 +135,34 @@ def test_double_backward_is_refused(proj, monkeypatch):
     g.sum().backward()
 
 
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Resident backward columns of W_hh in pieces of 16 rows (fp64, 16-row tiles)."""
+    from kernels import configs
+    from kernels.backward import backward_meta
+
+    monkeypatch.setattr(configs, "BACKWARD_GRADIENT_CHUNK_BYTES", 16 * 16 * 8)
+    backward_meta.cache_clear()
+    yield
+    backward_meta.cache_clear()
+
+
+@pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
+def test_resident_columns_in_pieces(cell, small_pieces, kernel_device):
+    """A resident backward reduces against its on-chip columns of W_hh piece by piece (H=40 pads
+    to 64: four pieces a gate, the last one all padding past H=48); padding and the order of the
+    pieces must not change the gradients."""
+    from kernels.backward import backward_meta
+
+    config = KernelConfig(64, 16, persistent=False)
+    meta = backward_meta(cell, 2, 40, config, elt_size=8, has_h0=True, has_c0=True, packed=False, has_dout=True,
+                         has_dhn=True, has_dcn=True, upcast=False, precision="ieee")
+    assert (meta["PK"], meta["SPLIT"], meta["KB"] == meta["BK"]) == (16, 4, True)
+    torch.manual_seed(6)
+    ours, ref, _ = run_backward(cell, T=3, B=5, H=40, config=config, device=kernel_device)
+    assert_grads_close(ours, ref, TOL[torch.float64])
+
+
 @pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_TANH], ids=["LSTM", "GRU", "RNN_TANH"])
 def test_every_backward_candidate_of_a_shape(cell, kernel_device):
     """Each partition the backward's autotuner may pick for an H=40, B=20 bidirectional layer

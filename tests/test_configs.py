@@ -9,8 +9,9 @@ import torch
 import triton
 
 from kernels import env
-from kernels.configs import (FINGERPRINTED, RESIDENT_H_BYTES, RESIDENT_WEIGHT_BYTES, TUNED_SIZES, AutotuneCache,
-                             KernelConfig, candidate_backward_configs, candidate_configs, code_fingerprint,
+from kernels.configs import (BACKWARD_GRADIENT_CHUNK_BYTES, FINGERPRINTED, RESIDENT_H_BYTES, RESIDENT_WEIGHT_BYTES,
+                             STREAM_K, TUNED_SIZES, AutotuneCache, KernelConfig, backward_piece_rows,
+                             backward_reduction, candidate_backward_configs, candidate_configs, code_fingerprint,
                              default_backward_config, default_forward_config, describe, k_block, tuning_key)
 from kernels.forward import _Layer, _tuned_or_default, autotune_cache
 
@@ -58,9 +59,34 @@ def test_backward_candidates_are_valid(H, B, gates, elt, D):
     assert candidates[0] == default_backward_config(H, B, gates, elt, False, D)
     assert len(set(candidates)) == len(candidates)
     for cfg in candidates:  # each one launchable: backward_meta raises on a bad partition
-        backward_meta(cell, D, H, cfg, has_h0=True, has_c0=True, packed=False, has_dout=True, has_dhn=True,
-                      has_dcn=True, upcast=False, precision="ieee")
+        meta = backward_meta(cell, D, H, cfg, elt_size=elt, has_h0=True, has_c0=True, packed=False, has_dout=True,
+                             has_dhn=True, has_dcn=True, upcast=False, precision="ieee")
         assert cfg.batch_block == candidates[0].batch_block
+        if cfg.k_block is None and backward_reduction(H, gates) > STREAM_K:  # on-chip only within the bounds
+            assert cfg.batch_block == 16 and cfg.num_warps == 8 and H % 16 == 0 and elt <= 4, cfg
+            assert k_block(H) * elt <= 4096, cfg
+            assert gates * cfg.hidden_block * k_block(H) * elt <= RESIDENT_WEIGHT_BYTES, cfg
+        # Each gate's columns in pieces whose gradient tile is within the bound
+        assert meta["PK"] * meta["SPLIT"] == k_block(H)
+        assert meta["PK"] == 16 or cfg.batch_block * meta["PK"] * elt <= BACKWARD_GRADIENT_CHUNK_BYTES, cfg
+
+
+@pytest.mark.parametrize("elt", [2, 4])
+def test_backward_default_keeps_w_hh_on_chip_within_the_bounds(elt):
+    """LSTM's columns of W_hh within the slice bound stay on-chip with 16-row batch tiles (bf16 up
+    to H=1024, fp32 up to H=512, in pieces of 8 KiB of the gradient tile); past it, with 32-row
+    tiles, H not a multiple of 16, fp64 or (by default) packed sequences, they stream."""
+    largest = 1024 if elt == 2 else 512
+    assert default_backward_config(largest, 16, 4, elt, False, 1).k_block is None
+    assert default_backward_config(2 * largest, 16, 4, elt, False, 1).k_block is not None
+    assert default_backward_config(largest, 64, 4, elt, False, 1).k_block is not None
+    assert default_backward_config(largest, 1, 4, elt, False, 1).k_block is None
+    assert default_backward_config(largest, 16, 4, elt, False, 1, packed=True).k_block is not None
+    assert default_backward_config(200, 16, 4, elt, False, 1).k_block is not None  # rows not 16-byte aligned
+    assert default_backward_config(64, 16, 4, 8, False, 1).k_block is not None  # fp64
+    assert any(c.k_block is None for c in candidate_backward_configs(largest, 16, 4, elt, 1))
+    assert not any(c.k_block is None for c in candidate_backward_configs(2 * largest, 16, 4, elt, 1))
+    assert backward_piece_rows(largest, 16, elt) == 512 // elt  # 8 KiB of gradients
 
 
 def test_pipelining_needs_a_streamed_reduction():
@@ -71,14 +97,15 @@ def test_pipelining_needs_a_streamed_reduction():
     flags = dict(has_h0=True, has_c0=True, packed=False, upcast=False, precision="ieee")
     streamed = KernelConfig(16, 16, k_block=32, fused_gates=True, num_stages=3)
     assert kernel_meta(Cell.LSTM, 1, 100, streamed, has_bhh=False, **flags)["STAGES"] == 3
-    assert backward_meta(Cell.LSTM, 1, 100, streamed, has_dout=True, has_dhn=True, has_dcn=True, **flags)["STAGES"] == 3
+    assert backward_meta(Cell.LSTM, 1, 100, streamed, elt_size=2, has_dout=True, has_dhn=True, has_dcn=True,
+                         **flags)["STAGES"] == 3
     for resident in (KernelConfig(16, 16, fused_gates=True, num_stages=2),
                      KernelConfig(16, 16, k_block=128, fused_gates=True, num_stages=2)):  # 128 >= H padded
         with pytest.raises(ValueError, match="num_stages=2 pipelines the K-chunk loop"):
             kernel_meta(Cell.LSTM, 1, 100, resident, has_bhh=False, **flags)
     with pytest.raises(ValueError, match="num_stages=2 pipelines the K-chunk loop"):
-        backward_meta(Cell.LSTM, 1, 100, KernelConfig(16, 16, num_stages=2), has_dout=True, has_dhn=True, has_dcn=True,
-                      **flags)
+        backward_meta(Cell.LSTM, 1, 100, KernelConfig(16, 16, num_stages=2), elt_size=2, has_dout=True, has_dhn=True,
+                      has_dcn=True, **flags)
     with pytest.raises(ValueError, match="num_stages must be 1 to 4"):
         KernelConfig(16, 16, k_block=32, num_stages=0)
 
