@@ -191,8 +191,8 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
                             directions: int = 1, sms: int = H100_SMS, packed: bool = False) -> KernelConfig:
     """Heuristic partition of the backward kernel (fused_gates unused). A program owns hidden
     units and holds their columns of W_hh across all gates ([G*H, HB]); its recurrent product
-    reduces over G*H: one dot per gate against resident columns, or k_block chunks of the
-    stacked gates streamed. The dot's width is the hidden block, so at least 16 units per
+    reduces over G*H: one dot per on-chip piece of a gate's columns (backward_piece_rows), or
+    k_block chunks of the stacked gates streamed. The dot's width is the hidden block, so at least 16 units per
     program; otherwise the same rules as the forward default. ``packed``: for packed sequences,
     whose per-row offsets take registers: resident slices spilled there (LSTM bf16 H=256 to 768
     HB16: 32-64 B; sm_90 compiles), so they stream."""
@@ -205,7 +205,7 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
     hidden_block = max(MIN_TILE, next_pow2(cdiv(hidden_size, max(1, sms // groups))))
     hidden_block = min(hidden_block, k_block(hidden_size))
     if full_k <= STREAM_K or (not packed and _fits_backward_resident(hidden_block, hidden_size, gates, batch_block,
-                                                                     elt_size)):
+                                                                     elt_size, 8)):
         k = None
     else:
         # Streamed in chunks of the stacked gates: 2*STREAM_K (STREAM_K for wide batch tiles)
@@ -216,13 +216,14 @@ def default_backward_config(hidden_size: int, batch: int, gates: int, elt_size: 
                         num_stages=_default_stages(bool(k) and k < full_k, elt_size))
 
 
-def _fits_backward_resident(hidden_block: int, hidden_size: int, gates: int, batch_block: int, elt_size: int) -> bool:
+def _fits_backward_resident(hidden_block: int, hidden_size: int, gates: int, batch_block: int, elt_size: int,
+                            warps: int) -> bool:
     """Whether the backward can keep a program's columns of W_hh on-chip for all steps (the
-    bounds at BACKWARD_GRADIENT_CHUNK_BYTES). These spilled, sm_90 compiles: H not a multiple of
-    16 (LSTM bf16 H=200 HB16: 48-240 B), a gate's column past 4 KiB (RNN fp32 H=2048 HB16: 8-56
-    B), fp64 (LSTM H=64 HB16: 144 B; exact checks, not speed)."""
+    bounds noted at BACKWARD_GRADIENT_CHUNK_BYTES). These also spilled, sm_90 compiles: H not a
+    multiple of 16 (LSTM bf16 H=200 HB16: 48-240 B), a gate's column past 4 KiB (RNN fp32 H=2048
+    HB16: 8-56 B), fp64 (LSTM H=64 HB16: 144 B; exact checks, not speed)."""
     full_k = k_block(hidden_size)
-    return (batch_block == MIN_TILE and hidden_size % MIN_TILE == 0 and elt_size <= 4
+    return (batch_block == MIN_TILE and warps >= 8 and hidden_size % MIN_TILE == 0 and elt_size <= 4
             and full_k * elt_size <= 4096 and gates * full_k * hidden_block * elt_size <= RESIDENT_WEIGHT_BYTES)
 
 
@@ -290,12 +291,10 @@ def candidate_backward_configs(hidden_size: int, batch: int, gates: int, elt_siz
         for k in (None, STREAM_K, 2 * STREAM_K):
             if k is not None and k >= full_k:
                 continue
-            if k is None and full_k > STREAM_K and not _fits_backward_resident(hb, hidden_size, gates,
-                                                                              base.batch_block, elt_size):
-                continue  # past what stays on-chip: it only spills
             for warps, stages in itertools.product((4, 8), (1, PIPELINE_STAGES) if k else (1,)):
-                if k is None and full_k > STREAM_K and warps < 8:
-                    continue  # resident slices spill at 4 warps
+                if k is None and full_k > STREAM_K and not _fits_backward_resident(hb, hidden_size, gates,
+                                                                                  base.batch_block, elt_size, warps):
+                    continue  # past what stays on-chip: it only spills
                 cfg = KernelConfig(hb, base.batch_block, k_block=k, num_warps=warps, num_stages=stages)
                 if cfg not in out:
                     out.append(cfg)
