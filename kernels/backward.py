@@ -11,7 +11,7 @@ from kernels import env
 from kernels.barrier import grid_sync, group_counter
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
 from kernels.configs import (KernelConfig, backward_piece_rows, backward_reduction, candidate_backward_configs, cdiv,
-                             check_stages, default_backward_config, k_block)
+                             check_stages, default_backward_config, is_resident, k_block)
 from kernels.packing import Packing
 from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _residency_key, _sm_count,
                              autotune_cache, barrier_counters, check_weights, dense, fp32_precision, given_output,
@@ -433,9 +433,11 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
 def _tuned_or_default(cell: Cell, T: int, B: int, D: int, w_hh, precision: str, packing, launch,
                       tuning: dict | None = None) -> KernelConfig:
     """The cached winner of this shape's backward (w_hh: one direction's); on a miss, tune it now
-    with ``launch(cfg, steps)`` on the real gradients (where forward.may_tune; a packed batch takes
-    its padded shape's winner) or take the heuristic default. With ``tuning`` (a dict), tune now
-    whatever the cache holds and report into it."""
+    with ``launch(cfg, steps)`` on the real gradients (where forward.may_tune) or take the
+    heuristic default. A packed batch takes its padded shape's winner unless that keeps W_hh
+    resident where the packed default streams it: the packed kernel spills those
+    (default_backward_config), and the winner was timed without packing. With ``tuning`` (a
+    dict), tune now whatever the cache holds and report into it."""
     H = w_hh.shape[1]
     device = w_hh.device
     default = default_backward_config(H, B, cell.gates, w_hh.element_size(), env.interpreting(), D,
@@ -445,8 +447,12 @@ def _tuned_or_default(cell: Cell, T: int, B: int, D: int, w_hh, precision: str, 
     key = layer_key("rnn_bwd", cell, H, B, w_hh.dtype, precision, D, device)
     if tuning is None:
         cfg = autotune_cache().get(key)
-        if cfg is not None or packing is not None:
-            return cfg or default
+        if packing is not None:
+            full_k = backward_reduction(H, cell.gates)
+            resident_past_default = cfg is not None and is_resident(cfg, full_k) and not is_resident(default, full_k)
+            return default if cfg is None or resident_past_default else cfg
+        if cfg is not None:
+            return cfg
     steps = min(T, TUNE_STEPS)
     candidates = candidate_backward_configs(H, B, cell.gates, w_hh.element_size(), D, _sm_count(device))
     cfg, timings = time_candidates(key, candidates, lambda c: launch(c, steps), steps, device,

@@ -9,7 +9,7 @@ import rnn
 from helpers import CELL_IDS, PARTITIONS, TOL, assert_grads_close, rel_err, run_backward
 from kernels.backward import rnn_bwd
 from kernels.cells import Cell
-from kernels.configs import KernelConfig, candidate_backward_configs, describe
+from kernels.configs import H100_SMS, KernelConfig, candidate_backward_configs, default_backward_config, describe
 from kernels.forward import rnn_fwd
 from rnn import functional, ops
 
@@ -200,6 +200,36 @@ def test_backward_tuning_times_every_candidate_and_caches_the_winner(monkeypatch
     ours, ref, again = run_backward(Cell.LSTM, T=4, B=3, H=20, device=kernel_device)
     assert again.info.config == res.info.config
     assert_grads_close(ours, ref, TOL[torch.float64])
+
+
+def test_packed_backward_takes_the_padded_winner_unless_resident(monkeypatch, tmp_path):
+    """A packed batch runs as its padded shape was tuned, except a winner that keeps W_hh's
+    columns on-chip: packed, those spill (sm_90 compiles), so the packed default streams."""
+    from kernels import backward
+
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(backward, "may_tune", lambda device, batch: True)
+    monkeypatch.setattr(backward, "layer_key", lambda *args: "bwd-key")
+    monkeypatch.setattr(backward, "time_candidates", lambda *a, **k: pytest.fail("a cached shape was tuned again"))
+    monkeypatch.setattr(backward.env, "interpreting", lambda: False)  # the GPU's defaults
+    H = 64  # G*H = 256 reduction rows: the packed default streams them in two chunks
+    w_hh = torch.randn(4 * H, H)
+    default = default_backward_config(H, 16, 4, 4, False, 1, H100_SMS, packed=True)
+    assert default.k_block == 128 and default != default_backward_config(H, 16, 4, 4, False, 1, H100_SMS)
+
+    def choice(cell, w, packing):
+        return backward._tuned_or_default(cell, 5, 16, 1, w, "ieee", packing, None)
+
+    resident = KernelConfig(16, 16, k_block=None, num_warps=8)
+    streamed = KernelConfig(16, 16, k_block=64, num_warps=4, num_stages=3)
+    assert default not in (resident, streamed)
+    for winner, packed_choice in ((resident, default), (streamed, streamed)):
+        backward.autotune_cache().put("bwd-key", winner)
+        assert choice(Cell.LSTM, w_hh, None) == winner
+        assert choice(Cell.LSTM, w_hh, object()) == packed_choice
+    # Where the packed default keeps W_hh resident too (an RNN's 64 rows), the winner stands.
+    backward.autotune_cache().put("bwd-key", resident)
+    assert choice(Cell.RNN_TANH, torch.randn(H, H), object()) == resident
 
 
 def test_backward_tuning_on_request(monkeypatch, tmp_path, kernel_device):
