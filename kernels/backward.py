@@ -10,8 +10,9 @@ import triton.language as tl
 from kernels import env
 from kernels.barrier import grid_sync, group_counter
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
-from kernels.configs import (KernelConfig, backward_piece_rows, backward_reduction, candidate_backward_configs, cdiv,
-                             check_stages, default_backward_config, is_resident, k_block)
+from kernels.configs import (KernelConfig, backward_piece_rows, backward_piece_split, backward_reduction,
+                             candidate_backward_configs, cdiv, check_stages, default_backward_config, is_resident,
+                             k_block)
 from kernels.packing import Packing
 from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _residency_key, _sm_count,
                              autotune_cache, barrier_counters, check_weights, dense, fp32_precision, given_output,
@@ -31,15 +32,16 @@ def _load_start(init_ptr, buf_ptr, offs, mask, t0, HAS_INIT: tl.constexpr, ACC: 
 
 @triton.jit
 def _resident_columns(w_dir, units, unit_ok, H, G: tl.constexpr, PK: tl.constexpr, SPLIT: tl.constexpr,
-                      UPCAST: tl.constexpr):
-    """This program's columns of W_hh, kept on-chip for every step: a tuple of G * SPLIT [PK, HB]
-    tiles, gate by gate, SPLIT pieces of H (padded) each."""
-    ks = tl.arange(0, PK)
+                      KW: tl.constexpr, UPCAST: tl.constexpr):
+    """This program's columns of W_hh, kept on-chip for every step: a tuple of G * SPLIT pieces,
+    gate by gate, SPLIT pieces of H (padded) each, a piece's PK rows as [KW, PK // KW, HB] (see
+    _recurrent_grad)."""
+    rows = tl.arange(0, KW)[:, None] * (PK // KW) + tl.arange(0, PK // KW)[None, :]  # [KW, PK // KW]
     pieces = ()
     for j in tl.static_range(G * SPLIT):
-        rows = (j % SPLIT) * PK + ks
-        w = tl.load(w_dir + ((j // SPLIT) * H + rows)[:, None] * H + units[None, :],
-                    mask=(rows < H)[:, None] & unit_ok[None, :], other=0.0)
+        r = (j % SPLIT) * PK + rows
+        w = tl.load(w_dir + ((j // SPLIT) * H + r)[:, :, None] * H + units[None, None, :],
+                    mask=(r < H)[:, :, None] & unit_ok[None, None, :], other=0.0)
         if UPCAST:
             w = w.to(tl.float32)
         pieces = pieces + (w,)
@@ -48,31 +50,39 @@ def _resident_columns(w_dir, units, unit_ok, H, G: tl.constexpr, PK: tl.constexp
 
 @triton.jit
 def _recurrent_grad(src, pieces, w_dir, units, unit_ok, g_rows, row_ok, KG, H, G: tl.constexpr, BB: tl.constexpr,
-                    HB: tl.constexpr, PK: tl.constexpr, SPLIT: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
-                    STAGES: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                    HB: tl.constexpr, PK: tl.constexpr, SPLIT: tl.constexpr, KW: tl.constexpr, BK: tl.constexpr,
+                    KB: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    ACC: tl.constexpr):
     """dgates_{t+1} [BB, G*H] (every program's, from ``src``) times this program's columns of
     W_hh [G*H, HB]: the gradient reaching h_t through the recurrence. Resident (KB == BK): one dot
     per on-chip piece, so that only a [BB, PK] piece of the gradients is live at a time (the whole
-    [BB, G*H] tile at once spilled, sm_90 compiles); else K chunks of the stacked gates, streamed."""
+    [BB, G*H] tile at once spilled, sm_90 compiles); else K chunks of the stacked gates, streamed.
+    A piece's rows are split KW ways, one batched dot: Triton lays a batched dot's warps along its
+    batch, so each warp reduces its own rows, summed across warps once at the end. A [BB, HB]
+    dot would have every warp compute the whole tile (warps [8, 1] over one 16-row MMA tile)."""
     acc = tl.zeros([BB, HB], ACC)
     if KB == BK:
-        ks = tl.arange(0, PK)
+        rows = tl.arange(0, KW)[:, None] * (PK // KW) + tl.arange(0, PK // KW)[None, :]  # [KW, PK // KW]
+        part = tl.zeros([KW, BB, HB], ACC)
         for j in tl.static_range(G * SPLIT):
-            rows = (j % SPLIT) * PK + ks
-            g = tl.load(src + g_rows + (j // SPLIT) * H + rows[None, :], mask=row_ok[:, None] & (rows < H)[None, :],
-                        other=0.0, cache_modifier=".cg")
-            acc = tl.dot(g.to(pieces[j].dtype), pieces[j], acc, input_precision=PRECISION, out_dtype=ACC)
+            r = (j % SPLIT) * PK + rows
+            g = tl.load(src + g_rows[None, :, :] + (j // SPLIT) * H + r[:, None, :],
+                        mask=row_ok[None, :, None] & (r < H)[:, None, :], other=0.0, cache_modifier=".cg")
+            part = tl.dot(g.to(pieces[j].dtype), pieces[j], part, input_precision=PRECISION, out_dtype=ACC)
+        acc = tl.sum(part, axis=0)
     else:
-        ks = tl.arange(0, KB)
+        rows = tl.arange(0, KW)[:, None] * (KB // KW) + tl.arange(0, KB // KW)[None, :]  # [KW, KB // KW]
+        part = tl.zeros([KW, BB, HB], ACC)
         for k0 in tl.range(0, KG, KB, num_stages=STAGES):
-            kk = k0 + ks
-            wc = tl.load(w_dir + kk[:, None] * H + units[None, :], mask=(kk < KG)[:, None] & unit_ok[None, :],
-                         other=0.0)
+            kk = k0 + rows
+            wc = tl.load(w_dir + kk[:, :, None] * H + units[None, None, :],
+                         mask=(kk < KG)[:, :, None] & unit_ok[None, None, :], other=0.0)
             if UPCAST:
                 wc = wc.to(tl.float32)
-            g = tl.load(src + g_rows + kk[None, :], mask=row_ok[:, None] & (kk < KG)[None, :], other=0.0,
-                        cache_modifier=".cg")
-            acc += tl.dot(g.to(wc.dtype), wc, input_precision=PRECISION, out_dtype=ACC)
+            g = tl.load(src + g_rows[None, :, :] + kk[:, None, :], mask=row_ok[None, :, None] & (kk < KG)[:, None, :],
+                        other=0.0, cache_modifier=".cg")
+            part = tl.dot(g.to(wc.dtype), wc, part, input_precision=PRECISION, out_dtype=ACC)
+        acc = tl.sum(part, axis=0)
     return acc
 
 
@@ -169,16 +179,17 @@ def rnn_bwd_kernel(
     finish,  # 1: then (every step's gates published) the gradients of h0 and c0
     stride_ot, stride_ob, stride_dt, stride_db,
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    HB: tl.constexpr, BB: tl.constexpr, PK: tl.constexpr, SPLIT: tl.constexpr, BK: tl.constexpr,
+    HB: tl.constexpr, BB: tl.constexpr, PK: tl.constexpr, SPLIT: tl.constexpr, KW: tl.constexpr, BK: tl.constexpr,
     KB: tl.constexpr, STAGES: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr,
     HAS_DOUT: tl.constexpr, HAS_DHN: tl.constexpr, HAS_DCN: tl.constexpr,
     SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
     [p*HB, (p+1)*HB) of direction d and holds their columns of W_hh on-chip (G*SPLIT pieces of
-    [PK, HB]), or streams them in K chunks of the stacked gates when KB < BK. Each step it adds
-    the recurrent gradient dgates_{t+1} W_hh[:, units], computes its units' gate gradients, and
-    publishes them for the next step behind the barrier.
+    [PK, HB]), or streams them in K chunks of the stacked gates when KB < BK; the rows of a piece or
+    chunk are split KW ways among the warps. Each step it adds the recurrent gradient
+    dgates_{t+1} W_hh[:, units], computes its units' gate gradients, and publishes them for the
+    next step behind the barrier.
     What a step reads besides the exchange (_step_loads) is loaded during the step before, ahead
     of the barrier, so that only the exchange remains on the step's critical path.
     """
@@ -205,7 +216,7 @@ def rnn_bwd_kernel(
     slot = D * B * KG
 
     if KB == BK:
-        pieces = _resident_columns(w_dir, units, unit_ok, H, G, PK, SPLIT, UPCAST)
+        pieces = _resident_columns(w_dir, units, unit_ok, H, G, PK, SPLIT, KW, UPCAST)
     else:
         pieces = (tl.zeros([1, 1], tl.float32),)  # streamed in chunks instead
     # Backward step s is forward time T-1-s (time s in reverse): the forward direction meets the
@@ -228,7 +239,7 @@ def rnn_bwd_kernel(
         t = T - 1 - s + d * (2 * s - T + 1)  # forward time of this step: the reverse direction's is s
         # The exchange slot of step s-1 (zeros before this tile's first step).
         dh = dh_carry + dout + _recurrent_grad(xbuf_ptr + ((s + 1) % 2) * slot, pieces, w_dir, units, unit_ok,
-                                               g_rows, row_ok, KG, H, G, BB, HB, PK, SPLIT, BK, KB, STAGES, UPCAST,
+                                               g_rows, row_ok, KG, H, G, BB, HB, PK, SPLIT, KW, BK, KB, STAGES, UPCAST,
                                                PRECISION, ACC)
         active = row_ok & (t < lengths)
         act2 = active[:, None] & unit_ok[None, :]
@@ -267,10 +278,10 @@ def rnn_bwd_kernel(
         if KB == BK:
             # Loaded again: the loop's on-chip tiles used here were read into registers before
             # the loop and held through every step, which spilled (sm_90 compiles).
-            pieces = _resident_columns(w_dir, units, unit_ok, H, G, PK, SPLIT, UPCAST)
+            pieces = _resident_columns(w_dir, units, unit_ok, H, G, PK, SPLIT, KW, UPCAST)
         # The tile's last step's gates (slot of step s_hi - 1) reach h0 through W_hh as well.
         dh0 = dh_carry + _recurrent_grad(xbuf_ptr + ((s_hi + 1) % 2) * slot, pieces, w_dir, units, unit_ok,
-                                         g_rows, row_ok, KG, H, G, BB, HB, PK, SPLIT, BK, KB, STAGES, UPCAST,
+                                         g_rows, row_ok, KG, H, G, BB, HB, PK, SPLIT, KW, BK, KB, STAGES, UPCAST,
                                          PRECISION, ACC)
         tl.store(dh0_ptr + state, dh0.to(dh0_ptr.dtype.element_ty), mask=own_mask)
         if CELL == LSTM:
@@ -490,8 +501,10 @@ def backward_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, elt_size: in
     full_k = backward_reduction(H, cell.gates)
     check_stages(cfg, full_k)
     piece = backward_piece_rows(H, cfg.batch_block, elt_size)
+    chunk = min(cfg.k_block or full_k, full_k)
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, PK=piece,
-                SPLIT=k_block(H) // piece, BK=full_k, KB=min(cfg.k_block or full_k, full_k), STAGES=cfg.num_stages,
+                SPLIT=k_block(H) // piece, KW=backward_piece_split(piece if chunk == full_k else chunk, cfg.num_warps),
+                BK=full_k, KB=chunk, STAGES=cfg.num_stages,
                 HAS_H0=has_h0, HAS_C0=has_c0, PACKED=packed, HAS_DOUT=has_dout, HAS_DHN=has_dhn, HAS_DCN=has_dcn,
                 UPCAST=upcast, PRECISION=precision,
                 # Left to itself ptxas often caps this kernel at 128 registers and spills.

@@ -236,6 +236,19 @@ def backward_piece_rows(hidden_size: int, batch_block: int, elt_size: int) -> in
     return rows
 
 
+def backward_piece_split(rows: int, num_warps: int) -> int:
+    """Ways the backward splits the rows of each on-chip piece (or streamed chunk) of W_hh's
+    columns among its warps (_recurrent_grad): one part per warp, each at least a dot tile deep.
+    Split 8 ways, the step loop's mma.sync per warp fell 8x and its bar.sync from 69 to 41 (LSTM
+    bf16 H=1024 HB16 BB16 resident, 8 warps: 512 to 64 mma.sync, 255 registers, no spill;
+    streamed H=2048 KB128: bar.sync in the kernel 56 to 23, registers 194 to 163; sm_90 compiles
+    as launched, 2026-11-25)."""
+    ways = 1
+    while 2 * ways <= num_warps and rows // (2 * ways) >= MIN_TILE:
+        ways *= 2
+    return ways
+
+
 def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, directions: int = 1,
                       sms: int = H100_SMS) -> list[KernelConfig]:
     """The autotuning space of one shape: the default, then its neighbours (half and double the

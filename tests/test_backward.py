@@ -9,7 +9,8 @@ import rnn
 from helpers import CELL_IDS, PARTITIONS, TOL, assert_grads_close, rel_err, run_backward
 from kernels.backward import rnn_bwd
 from kernels.cells import Cell
-from kernels.configs import H100_SMS, KernelConfig, candidate_backward_configs, default_backward_config, describe
+from kernels.configs import (H100_SMS, KernelConfig, candidate_backward_configs, default_backward_config, describe,
+                             k_block)
 from kernels.forward import rnn_fwd
 from rnn import functional, ops
 
@@ -136,30 +137,33 @@ def test_double_backward_is_refused(proj, monkeypatch):
 
 
 @pytest.fixture
-def small_pieces(monkeypatch):
-    """Resident backward columns of W_hh in pieces of 16 rows (fp64, 16-row tiles)."""
+def piece_rows(monkeypatch, request):
+    """Resident backward columns of W_hh in pieces of request.param rows (fp64, 16-row tiles)."""
     from kernels import configs
     from kernels.backward import backward_meta
 
-    monkeypatch.setattr(configs, "BACKWARD_GRADIENT_CHUNK_BYTES", 16 * 16 * 8)
+    monkeypatch.setattr(configs, "BACKWARD_GRADIENT_CHUNK_BYTES", 16 * request.param * 8)
     backward_meta.cache_clear()
-    yield
+    yield request.param
     backward_meta.cache_clear()
 
 
 @pytest.mark.parametrize("cell", list(Cell), ids=CELL_IDS)
-def test_resident_columns_in_pieces(cell, small_pieces, kernel_device):
-    """A resident backward reduces against its on-chip columns of W_hh piece by piece (H=40 pads
-    to 64: four pieces a gate, the last one all padding past H=48); padding and the order of the
-    pieces must not change the gradients."""
+@pytest.mark.parametrize("H, piece_rows, warps, split", [(40, 16, 4, (4, 1)), (72, 64, 4, (2, 4)), (40, 64, 8, (1, 4))],
+                         ids=["16-rows", "64-rows-4-ways", "64-rows-8-warps"], indirect=["piece_rows"])
+def test_resident_columns_in_pieces(cell, H, piece_rows, warps, split, kernel_device):
+    """A resident backward reduces against its on-chip columns of W_hh piece by piece, each
+    piece's rows split among the warps (at most one part per warp, each part 16 rows or more).
+    H=40 pads to 64 and H=72 to 128, so some pieces and parts are all padding; padding, the order
+    of the pieces and the split must not change the gradients."""
     from kernels.backward import backward_meta
 
-    config = KernelConfig(64, 16, persistent=False)
-    meta = backward_meta(cell, 2, 40, config, elt_size=8, has_h0=True, has_c0=True, packed=False, has_dout=True,
+    config = KernelConfig(k_block(H), 16, num_warps=warps, persistent=False)
+    meta = backward_meta(cell, 2, H, config, elt_size=8, has_h0=True, has_c0=True, packed=False, has_dout=True,
                          has_dhn=True, has_dcn=True, upcast=False, precision="ieee")
-    assert (meta["PK"], meta["SPLIT"], meta["KB"] == meta["BK"]) == (16, 4, True)
+    assert (meta["PK"], meta["SPLIT"], meta["KW"], meta["KB"] == meta["BK"]) == (piece_rows, *split, True)
     torch.manual_seed(6)
-    ours, ref, _ = run_backward(cell, T=3, B=5, H=40, config=config, device=kernel_device)
+    ours, ref, _ = run_backward(cell, T=3, B=5, H=H, config=config, device=kernel_device)
     assert_grads_close(ours, ref, TOL[torch.float64])
 
 
