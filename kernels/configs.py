@@ -44,6 +44,11 @@ class KernelConfig:
         them first thing in the next iteration: async_wait num=0); 3 (4) keeps one (two) chunks
         in flight during each dot (async_wait num=3, 6), sm_90 compiles. The time loop is never
         pipelined: that could hoist the next step's load of h above the grid barrier.
+    split_k: the forward's resident reduction split this many ways among the warps, one part per
+        warp, summed across warps each step (kernels.forward._preacts): a chain of dependent MMAs
+        split_k times shorter and fewer MMAs per warp, for one cross-warp sum a step (LSTM bf16
+        H=512 HB4 BB16, 8 warps, split 8 ways: loop mma.sync per warp 32 to 8, bar.sync 10 to 13;
+        sm_90 compiles). A tuning candidate. (The backward always splits: backward_piece_split.)
     """
 
     hidden_block: int
@@ -53,6 +58,7 @@ class KernelConfig:
     num_warps: int = 4
     persistent: bool | None = None
     num_stages: int = 1
+    split_k: int = 1
 
     def __post_init__(self):
         for name, least in (("hidden_block", 4), ("batch_block", MIN_TILE), ("k_block", MIN_TILE)):
@@ -65,6 +71,8 @@ class KernelConfig:
             raise ValueError(f"num_warps must be a power of two up to 16, got {self.num_warps}")
         if self.num_stages not in (1, 2, 3, 4):
             raise ValueError(f"num_stages must be 1 to 4, got {self.num_stages}")
+        if self.split_k not in (1, 2, 4, 8, 16):
+            raise ValueError(f"split_k must be a power of two up to 16, got {self.split_k}")
 
 
 def is_resident(cfg: KernelConfig, reduction: int) -> bool:
@@ -78,6 +86,13 @@ def check_stages(cfg: KernelConfig, reduction: int):
     if cfg.num_stages > 1 and is_resident(cfg, reduction):
         raise ValueError(f"num_stages={cfg.num_stages} pipelines the K-chunk loop of a streamed W_hh; this "
                          f"partition keeps W_hh resident (set k_block below the padded reduction)")
+
+
+def check_split(cfg: KernelConfig, reduction: int):
+    """split_k divides a resident forward's reduction (H padded) into parts of a dot tile or more."""
+    if cfg.split_k > 1 and (not is_resident(cfg, reduction) or reduction // cfg.split_k < MIN_TILE):
+        raise ValueError(f"split_k={cfg.split_k} splits a resident W_hh's {reduction} reduction rows into parts of "
+                         f"at least {MIN_TILE}; this partition {'streams W_hh' if not is_resident(cfg, reduction) else 'has too few rows'}")
 
 
 def k_block(hidden_size: int) -> int:
@@ -254,21 +269,21 @@ def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, d
     """The autotuning space of one shape: the default, then its neighbours (half and double the
     hidden block, the other K mode, the other gate layout, the other warp count, and a streamed
     W_hh with its chunk loads pipelined PIPELINE_STAGES deep, or 4 for the default), the whole
-    layer in one program per group, and half the batch tile with twice the hidden block;
-    resident slices only within the resident bounds (past them they spill or overflow shared
+    layer in one program per group, half the batch tile with twice the hidden block, and the
+    default's partition with its reduction split among its warps (split_k); resident slices only within the resident bounds (past them they spill or overflow shared
     memory)."""
     base = default_forward_config(hidden_size, batch, gates, elt_size, False, directions, sms)
     full_k = k_block(hidden_size)
     fused_options = (True, False) if gates > 1 else (False,)
     out = [base]
 
-    def add(hb, bb, k, fused, warps, stages=1):
+    def add(hb, bb, k, fused, warps, stages=1, split=1):
         columns = hb * (4 if fused else gates)  # of the whole slice, every gate
         if hb * (4 if fused else 1) < MIN_TILE or hb > max(MIN_TILE, next_pow2(hidden_size)):
             return
         if k is None and not _fits_resident(columns, hidden_size, bb, elt_size):
             return
-        cfg = KernelConfig(hb, bb, k_block=k, fused_gates=fused, num_warps=warps, num_stages=stages)
+        cfg = KernelConfig(hb, bb, k_block=k, fused_gates=fused, num_warps=warps, num_stages=stages, split_k=split)
         if cfg not in out:
             out.append(cfg)
 
@@ -282,6 +297,9 @@ def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, d
     add(full_k, base.batch_block, None, gates > 1, 8)  # no grid barrier at all
     if base.batch_block > MIN_TILE:
         add(2 * base.hidden_block, base.batch_block // 2, None, gates > 1, 8)
+    split = min(base.num_warps, full_k // MIN_TILE)
+    if split > 1:  # the default's partition, resident, its reduction split among its warps
+        add(base.hidden_block, base.batch_block, None, base.fused_gates, base.num_warps, split=split)
     return out
 
 
@@ -318,7 +336,7 @@ def describe(cfg: KernelConfig) -> str:
     """A short name of a config, for reports and logs."""
     return (f"HB{cfg.hidden_block}-BB{cfg.batch_block}-KB{cfg.k_block or 'all'}"
             f"{'-fused' if cfg.fused_gates else ''}-w{cfg.num_warps}"
-            f"{f'-s{cfg.num_stages}' if cfg.num_stages > 1 else ''}")
+            f"{f'-s{cfg.num_stages}' if cfg.num_stages > 1 else ''}{f'-k{cfg.split_k}' if cfg.split_k > 1 else ''}")
 
 
 CACHE_FORMAT = 1

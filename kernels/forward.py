@@ -18,7 +18,8 @@ from kernels import env
 from kernels.barrier import COUNTER_STRIDE, grid_sync, group_counter
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
 from kernels.packing import Packing
-from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, cdiv, check_stages,
+from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, cdiv, check_split,
+                             check_stages,
                              default_forward_config, describe, k_block, tuning_key)
 
 
@@ -42,9 +43,19 @@ def _gate_weight(w_ptr, gate, H, offs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _w_offsets(kk, col_off, col_ok, H, KW: tl.constexpr):
+    """Offsets and mask of W_hh^T's rows kk by columns col_off: [K, N], or [KW, K // KW, N] for
+    rows split among the warps (kk [KW, K // KW])."""
+    if KW > 1:
+        return col_off[None, None, :] + kk[:, :, None], (kk < H)[:, :, None] & col_ok[None, None, :]
+    else:
+        return col_off[None, :] + kk[:, None], (kk < H)[:, None] & col_ok[None, :]
+
+
+@triton.jit
 def _weights(w_dir, unit0, kk, H, G: tl.constexpr, HB: tl.constexpr, FUSED: tl.constexpr,
-             UPCAST: tl.constexpr):
-    """This program's rows of W_hh^T for reduction indices kk.
+             UPCAST: tl.constexpr, KW: tl.constexpr):
+    """This program's rows of W_hh^T for reduction indices kk (split KW ways: see _preacts).
 
     FUSED: one [K, 4*HB] tile, column c holding gate c % 4 of unit unit0 + c // 4 (GRU's missing
     fourth gate is a zero column), returned four times. Otherwise one [K, HB] tile per gate.
@@ -53,16 +64,14 @@ def _weights(w_dir, unit0, kk, H, G: tl.constexpr, HB: tl.constexpr, FUSED: tl.c
         cols = tl.arange(0, 4 * HB)
         gate = cols % 4
         unit = unit0 + cols // 4
-        ok = (gate < G) & (unit < H)
-        w = tl.load(w_dir + (gate * H + unit)[None, :] * H + kk[:, None], mask=(kk < H)[:, None] & ok[None, :],
-                    other=0.0)
+        offs, mask = _w_offsets(kk, (gate * H + unit) * H, (gate < G) & (unit < H), H, KW)
+        w = tl.load(w_dir + offs, mask=mask, other=0.0)
         if UPCAST:
             w = w.to(tl.float32)
         return w, w, w, w
     else:
         units = unit0 + tl.arange(0, HB)
-        offs = units[None, :] * H + kk[:, None]
-        mask = (kk < H)[:, None] & (units < H)[None, :]
+        offs, mask = _w_offsets(kk, units * H, units < H, H, KW)
         w0 = _gate_weight(w_dir, 0, H, offs, mask, UPCAST)
         w1 = w0
         w2 = w0
@@ -76,26 +85,39 @@ def _weights(w_dir, unit0, kk, H, G: tl.constexpr, HB: tl.constexpr, FUSED: tl.c
 
 
 @triton.jit
+def _dot(h, w, PRECISION: tl.constexpr, ACC: tl.constexpr, KW: tl.constexpr):
+    """h times w; split KW ways (h [KW, BB, K // KW], w [KW, K // KW, N]), a batched dot whose
+    parts are summed across the warps."""
+    acc = tl.dot(h.to(w.dtype), w, input_precision=PRECISION, out_dtype=ACC)
+    if KW > 1:
+        acc = tl.sum(acc, axis=0)
+    return acc
+
+
+@triton.jit
 def _preacts(h, w0, w1, w2, w3, G: tl.constexpr, HB: tl.constexpr, BB: tl.constexpr, FUSED: tl.constexpr,
-             PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """h [BB, K] times this program's weights: the recurrent pre-activation of each gate, [BB, HB]."""
+             PRECISION: tl.constexpr, ACC: tl.constexpr, KW: tl.constexpr):
+    """h [BB, K] times this program's weights: the recurrent pre-activation of each gate, [BB, HB].
+    KW > 1: the reduction split KW ways (h [KW, BB, K // KW]): Triton lays a batched dot's warps
+    along its batch, so each warp reduces its own rows, a shorter chain of dependent MMAs, at the
+    cost of a sum across warps (a tuning candidate, KernelConfig.split_k)."""
     if FUSED:
-        acc = tl.dot(h.to(w0.dtype), w0, input_precision=PRECISION, out_dtype=ACC)
+        acc = _dot(h, w0, PRECISION, ACC, KW)
         # Columns are (unit, gate) with the gate fastest: peel the gate off in two halvings.
         even, odd = tl.split(tl.reshape(acc, [BB, HB, 2, 2]))
         a0, a2 = tl.split(even)
         a1, a3 = tl.split(odd)
         return a0, a1, a2, a3
     else:
-        a0 = tl.dot(h.to(w0.dtype), w0, input_precision=PRECISION, out_dtype=ACC)
+        a0 = _dot(h, w0, PRECISION, ACC, KW)
         a1 = a0
         a2 = a0
         a3 = a0
         if G >= 3:
-            a1 = tl.dot(h.to(w1.dtype), w1, input_precision=PRECISION, out_dtype=ACC)
-            a2 = tl.dot(h.to(w2.dtype), w2, input_precision=PRECISION, out_dtype=ACC)
+            a1 = _dot(h, w1, PRECISION, ACC, KW)
+            a2 = _dot(h, w2, PRECISION, ACC, KW)
         if G == 4:
-            a3 = tl.dot(h.to(w3.dtype), w3, input_precision=PRECISION, out_dtype=ACC)
+            a3 = _dot(h, w3, PRECISION, ACC, KW)
         return a0, a1, a2, a3
 
 
@@ -184,7 +206,7 @@ def rnn_fwd_kernel(
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr,
     FUSED: tl.constexpr, HAS_H0: tl.constexpr, HAS_C0: tl.constexpr, PACKED: tl.constexpr, HAS_BHH: tl.constexpr,
-    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr,
+    SYNC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SAVE: tl.constexpr, KW: tl.constexpr,
 ):
     """Grid (hidden blocks, batch tiles, directions). Program (p, b, d) owns hidden units
     [p*HB, (p+1)*HB) of direction d, all gates, for batch rows [b*BB, (b+1)*BB).
@@ -230,10 +252,17 @@ def rnn_fwd_kernel(
     s_end = tl.minimum(t1, s_hi)
 
     if RESIDENT:
-        w0, w1, w2, w3 = _weights(w_dir, unit0, ks, H, G, HB, FUSED, UPCAST)
-        full_mask = row_ok[:, None] & (ks < H)[None, :]
-        h_full = _load_state(h0_ptr, hbuf_ptr + (s_start % 2) * slot, state_rows + ks[None, :], full_mask,
-                             s_start - s_lo, HAS_H0, w0.dtype)
+        if KW > 1:  # the reduction's rows split among the warps (_preacts)
+            kr = tl.arange(0, KW)[:, None] * (BK // KW) + tl.arange(0, BK // KW)[None, :]
+            full_offs = state_rows[None, :, :] + kr[:, None, :]
+            full_mask = row_ok[None, :, None] & (kr < H)[:, None, :]
+        else:
+            kr = ks
+            full_offs = state_rows + ks[None, :]
+            full_mask = row_ok[:, None] & (ks < H)[None, :]
+        w0, w1, w2, w3 = _weights(w_dir, unit0, kr, H, G, HB, FUSED, UPCAST, KW)
+        h_full = _load_state(h0_ptr, hbuf_ptr + (s_start % 2) * slot, full_offs, full_mask, s_start - s_lo, HAS_H0,
+                             w0.dtype)
     b_ptr = bhh_dir + units[None, :]  # b_hh of each gate (GRU's third is b_hn)
     b_mask = unit_ok[None, :]
 
@@ -253,7 +282,7 @@ def rnn_fwd_kernel(
         t = s + d * (T - 1 - 2 * s)
         # Recurrent pre-activations h_{t-1} W_hh^T of this program's units, one per gate.
         if RESIDENT:
-            a0, a1, a2, a3 = _preacts(h_full, w0, w1, w2, w3, G, HB, BB, FUSED, PRECISION, ACC)
+            a0, a1, a2, a3 = _preacts(h_full, w0, w1, w2, w3, G, HB, BB, FUSED, PRECISION, ACC, KW)
         else:
             a0 = tl.zeros([BB, HB], ACC)
             a1 = a0
@@ -264,8 +293,8 @@ def rnn_fwd_kernel(
                 kk = k0 + ks
                 h_chunk = _load_state(h0_ptr, src, state_rows + kk[None, :], row_ok[:, None] & (kk < H)[None, :],
                                       s - s_lo, HAS_H0, hbuf_ptr.dtype.element_ty)
-                v0, v1, v2, v3 = _weights(w_dir, unit0, kk, H, G, HB, FUSED, UPCAST)
-                p0, p1, p2, p3 = _preacts(h_chunk, v0, v1, v2, v3, G, HB, BB, FUSED, PRECISION, ACC)
+                v0, v1, v2, v3 = _weights(w_dir, unit0, kk, H, G, HB, FUSED, UPCAST, 1)
+                p0, p1, p2, p3 = _preacts(h_chunk, v0, v1, v2, v3, G, HB, BB, FUSED, PRECISION, ACC, 1)
                 a0 += p0
                 a1 += p1
                 a2 += p2
@@ -321,7 +350,7 @@ def rnn_fwd_kernel(
         else:
             tl.debug_barrier()
         if RESIDENT:
-            h_full = tl.load(nxt + state_rows + ks[None, :], mask=full_mask, other=0.0,
+            h_full = tl.load(nxt + full_offs, mask=full_mask, other=0.0,
                              cache_modifier=".cg").to(w0.dtype)
         h_own = h_new
         c = c_new
@@ -792,9 +821,11 @@ def kernel_meta(cell: Cell, D: int, H: int, cfg: KernelConfig, *, has_h0: bool, 
         raise ValueError(f"hidden_block={cfg.hidden_block} makes a dot narrower than {MIN_TILE} columns"
                          + ("" if fused else "; use at least 16, or fused_gates for LSTM/GRU"))
     check_stages(cfg, k_block(H))
+    check_split(cfg, k_block(H))
     return dict(CELL=int(cell), G=cell.gates, D=D, HB=cfg.hidden_block, BB=cfg.batch_block, BK=k_block(H),
                 KB=min(cfg.k_block or k_block(H), k_block(H)), STAGES=cfg.num_stages, FUSED=fused, HAS_H0=has_h0,
                 HAS_C0=has_c0, PACKED=packed, HAS_BHH=has_bhh, UPCAST=upcast, PRECISION=precision, SAVE=save,
+                KW=cfg.split_k,
                 num_warps=cfg.num_warps,
                 # Left to itself ptxas tends to cap itself at 128 registers and spill: streaming
                 # W_hh, and (since b_hh is added in the kernel) resident LSTM fp32 H=256 and GRU

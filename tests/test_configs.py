@@ -35,6 +35,7 @@ def test_defaults_and_candidates_are_valid(H, B, gates, elt, D):
             assert slice_bytes <= RESIDENT_WEIGHT_BYTES and cfg.batch_block * k_block(H) * elt <= RESIDENT_H_BYTES
         assert not cfg.fused_gates or gates > 1
         assert cfg.num_stages == 1 or cfg.k_block is not None  # only a K-chunk loop pipelines
+        assert cfg.split_k == 1 or (cfg.k_block is None and k_block(H) // cfg.split_k >= 16)
     streamed = any(c.k_block for c in candidates)
     assert any(c.num_stages > 1 for c in candidates) == streamed
 
@@ -108,6 +109,28 @@ def test_pipelining_needs_a_streamed_reduction():
                       has_dcn=True, **flags)
     with pytest.raises(ValueError, match="num_stages must be 1 to 4"):
         KernelConfig(16, 16, k_block=32, num_stages=0)
+
+
+def test_split_reduction_needs_a_resident_w_hh_and_rows_enough():
+    """split_k divides a resident forward reduction into parts of a dot tile or more: refused
+    when W_hh streams or the parts would be shallower; offered as one candidate, the default's
+    partition split among its warps."""
+    from kernels.cells import Cell
+    from kernels.forward import kernel_meta
+
+    flags = dict(has_h0=True, has_c0=True, packed=False, upcast=False, precision="ieee", has_bhh=True)
+    assert kernel_meta(Cell.LSTM, 1, 100, KernelConfig(16, 16, fused_gates=True, split_k=8), **flags)["KW"] == 8
+    with pytest.raises(ValueError, match="split_k=2 .* this partition streams W_hh"):
+        kernel_meta(Cell.LSTM, 1, 100, KernelConfig(16, 16, k_block=32, fused_gates=True, split_k=2), **flags)
+    with pytest.raises(ValueError, match="split_k=16 .* too few rows"):
+        kernel_meta(Cell.LSTM, 1, 100, KernelConfig(16, 16, fused_gates=True, split_k=16), **flags)
+    with pytest.raises(ValueError, match="split_k must be a power of two"):
+        KernelConfig(16, 16, split_k=3)
+    default = default_forward_config(512, 16, 4, 2, False, 1)
+    split = [c for c in candidate_configs(512, 16, 4, 2, 1) if c.split_k > 1]
+    assert split == [KernelConfig(default.hidden_block, 16, fused_gates=True, num_warps=default.num_warps,
+                                  split_k=default.num_warps)]
+    assert describe(split[0]).endswith(f"-k{default.num_warps}")
 
 
 def test_default_spreads_small_batches_over_the_sms():

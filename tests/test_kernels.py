@@ -139,13 +139,15 @@ def test_config_validation(kwargs):
 @pytest.mark.parametrize("cell", [Cell.LSTM, Cell.GRU, Cell.RNN_RELU], ids=["LSTM", "GRU", "RNN_RELU"])
 def test_every_candidate_of_a_shape(cell, kernel_device):
     """Each config the autotuner may pick for an H=80, B=20 bidirectional layer (W_hh resident or
-    streamed in two K chunks, gates fused or not, 4 to 64 units per program) computes the layer."""
+    streamed in two K chunks, gates fused or not, 4 to 64 units per program, the reduction split
+    among 8 warps: parts of 16 rows, the last three all padding) computes the layer."""
     from kernels.configs import candidate_configs
     configs = candidate_configs(80, 20, cell.gates, 8, directions=2)
-    assert {c.k_block for c in configs} == {None, 64}
+    assert {c.k_block for c in configs} == {None, 64} and {c.split_k for c in configs} == {1, 8}
     # Stepwise, since the interpreter runs one program at a time; warps and stages change nothing there.
     partitions = dict.fromkeys(KernelConfig(c.hidden_block, c.batch_block, k_block=c.k_block,
-                                            fused_gates=c.fused_gates, persistent=False) for c in configs)
+                                            fused_gates=c.fused_gates, persistent=False, split_k=c.split_k)
+                               for c in configs)
     for config in partitions:
         torch.manual_seed(7)
         result, ref = run_layer(cell, T=3, B=20, H=80, I=8, D=2, device=kernel_device, config=config)
