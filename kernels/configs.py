@@ -298,9 +298,23 @@ def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, d
     if base.batch_block > MIN_TILE:
         add(2 * base.hidden_block, base.batch_block // 2, None, gates > 1, 8)
     split = min(base.num_warps, full_k // MIN_TILE)
-    if split > 1:  # the default's partition, resident, its reduction split among its warps
+    if split > 1 and _fits_split(split, base, gates, elt_size):
+        # the default's partition, resident, its reduction split among its warps
         add(base.hidden_block, base.batch_block, None, base.fused_gates, base.num_warps, split=split)
     return out
+
+
+# A split forward reduction (split_k) holds one [split_k, BB, N] accumulator in place of [BB, N]:
+# within this many bytes a thread every split candidate compiled without spills; from 256 B a
+# third of them spilled (8 to 2172 B) or overflowed shared memory (`python -m scripts.compile_check
+# --space --kernel fwd --match=-k`, sm_90 as launched, 2026-11-25).
+SPLIT_ACC_BYTES_PER_THREAD = 128
+
+
+def _fits_split(split: int, cfg: KernelConfig, gates: int, elt_size: int) -> bool:
+    columns = cfg.hidden_block * (4 if cfg.fused_gates and gates > 1 else 1)  # of one dot
+    acc_bytes = 8 if elt_size == 8 else 4
+    return split * cfg.batch_block * columns * acc_bytes <= SPLIT_ACC_BYTES_PER_THREAD * 32 * cfg.num_warps
 
 
 def backward_reduction(hidden_size: int, gates: int) -> int:

@@ -35,7 +35,10 @@ def test_defaults_and_candidates_are_valid(H, B, gates, elt, D):
             assert slice_bytes <= RESIDENT_WEIGHT_BYTES and cfg.batch_block * k_block(H) * elt <= RESIDENT_H_BYTES
         assert not cfg.fused_gates or gates > 1
         assert cfg.num_stages == 1 or cfg.k_block is not None  # only a K-chunk loop pipelines
-        assert cfg.split_k == 1 or (cfg.k_block is None and k_block(H) // cfg.split_k >= 16)
+        if cfg.split_k > 1:  # resident, parts a dot tile deep, the accumulator within 128 B a thread
+            assert cfg.k_block is None and k_block(H) // cfg.split_k >= 16, cfg
+            acc = cfg.split_k * cfg.batch_block * width * cfg.hidden_block * (8 if elt == 8 else 4)
+            assert acc <= 128 * 32 * cfg.num_warps, cfg
     streamed = any(c.k_block for c in candidates)
     assert any(c.num_stages > 1 for c in candidates) == streamed
 
