@@ -17,7 +17,7 @@ from kernels.packing import Packing
 from kernels.forward import (TUNE_STEPS, LaunchInfo, _choose_persistent, _residency_key, _sm_count,
                              autotune_cache, barrier_counters, check_weights, dense, fp32_precision, given_output,
                              layer_key, layout_strides, max_registers, may_tune, on_input_device, rnn_fwd,
-                             run_persistent, seq_offsets, tile_steps, time_candidates)
+                             run_persistent, seq_offsets, split_rows, tile_steps, time_candidates)
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _resident_columns(w_dir, units, unit_ok, H, G: tl.constexpr, PK: tl.constexp
     """This program's columns of W_hh, kept on-chip for every step: a tuple of G * SPLIT pieces,
     gate by gate, SPLIT pieces of H (padded) each, a piece's PK rows as [KW, PK // KW, HB] (see
     _recurrent_grad)."""
-    rows = tl.arange(0, KW)[:, None] * (PK // KW) + tl.arange(0, PK // KW)[None, :]  # [KW, PK // KW]
+    rows = split_rows(PK, KW)
     pieces = ()
     for j in tl.static_range(G * SPLIT):
         r = (j % SPLIT) * PK + rows
@@ -62,7 +62,7 @@ def _recurrent_grad(src, pieces, w_dir, units, unit_ok, g_rows, row_ok, KG, H, G
     dot would have every warp compute the whole tile (warps [8, 1] over one 16-row MMA tile)."""
     acc = tl.zeros([BB, HB], ACC)
     if KB == BK:
-        rows = tl.arange(0, KW)[:, None] * (PK // KW) + tl.arange(0, PK // KW)[None, :]  # [KW, PK // KW]
+        rows = split_rows(PK, KW)
         part = tl.zeros([KW, BB, HB], ACC)
         for j in tl.static_range(G * SPLIT):
             r = (j % SPLIT) * PK + rows
@@ -71,7 +71,7 @@ def _recurrent_grad(src, pieces, w_dir, units, unit_ok, g_rows, row_ok, KG, H, G
             part = tl.dot(g.to(pieces[j].dtype), pieces[j], part, input_precision=PRECISION, out_dtype=ACC)
         acc = tl.sum(part, axis=0)
     else:
-        rows = tl.arange(0, KW)[:, None] * (KB // KW) + tl.arange(0, KB // KW)[None, :]  # [KW, KB // KW]
+        rows = split_rows(KB, KW)
         part = tl.zeros([KW, BB, HB], ACC)
         for k0 in tl.range(0, KG, KB, num_stages=STAGES):
             kk = k0 + rows

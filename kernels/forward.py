@@ -19,8 +19,7 @@ from kernels.barrier import COUNTER_STRIDE, grid_sync, group_counter
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
 from kernels.packing import Packing
 from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, cdiv, check_split,
-                             check_stages,
-                             default_forward_config, describe, k_block, tuning_key)
+                             check_stages, default_forward_config, describe, k_block, tuning_key)
 
 
 @triton.jit
@@ -40,6 +39,13 @@ def _gate_weight(w_ptr, gate, H, offs, mask, UPCAST: tl.constexpr):
     if UPCAST:
         w = w.to(tl.float32)
     return w
+
+
+@triton.jit
+def split_rows(N: tl.constexpr, KW: tl.constexpr):
+    """Rows 0..N-1 of a reduction as [KW, N // KW], one part per warp: the batch of a batched
+    dot, which Triton lays over the warps, so each warp reduces its own part."""
+    return tl.arange(0, KW)[:, None] * (N // KW) + tl.arange(0, N // KW)[None, :]
 
 
 @triton.jit
@@ -253,7 +259,7 @@ def rnn_fwd_kernel(
 
     if RESIDENT:
         if KW > 1:  # the reduction's rows split among the warps (_preacts)
-            kr = tl.arange(0, KW)[:, None] * (BK // KW) + tl.arange(0, BK // KW)[None, :]
+            kr = split_rows(BK, KW)
             full_offs = state_rows[None, :, :] + kr[:, None, :]
             full_mask = row_ok[None, :, None] & (kr < H)[:, None, :]
         else:
