@@ -90,9 +90,13 @@ def check_stages(cfg: KernelConfig, reduction: int):
 
 def check_split(cfg: KernelConfig, reduction: int):
     """split_k divides a resident forward's reduction (H padded) into parts of a dot tile or more."""
-    if cfg.split_k > 1 and (not is_resident(cfg, reduction) or reduction // cfg.split_k < MIN_TILE):
+    if cfg.split_k == 1:
+        return
+    why = "streams W_hh" if not is_resident(cfg, reduction) else (
+        "has too few rows" if reduction // cfg.split_k < MIN_TILE else None)
+    if why:
         raise ValueError(f"split_k={cfg.split_k} splits a resident W_hh's {reduction} reduction rows into parts of "
-                         f"at least {MIN_TILE}; this partition {'streams W_hh' if not is_resident(cfg, reduction) else 'has too few rows'}")
+                         f"at least {MIN_TILE}; this partition {why}")
 
 
 def k_block(hidden_size: int) -> int:
@@ -270,8 +274,8 @@ def candidate_configs(hidden_size: int, batch: int, gates: int, elt_size: int, d
     hidden block, the other K mode, the other gate layout, the other warp count, and a streamed
     W_hh with its chunk loads pipelined PIPELINE_STAGES deep, or 4 for the default), the whole
     layer in one program per group, half the batch tile with twice the hidden block, and the
-    default's partition with its reduction split among its warps (split_k); resident slices only within the resident bounds (past them they spill or overflow shared
-    memory)."""
+    default's partition with its reduction split among its warps (split_k); resident slices only
+    within the resident bounds (past them they spill or overflow shared memory)."""
     base = default_forward_config(hidden_size, batch, gates, elt_size, False, directions, sms)
     full_k = k_block(hidden_size)
     fused_options = (True, False) if gates > 1 else (False,)
@@ -312,6 +316,7 @@ SPLIT_ACC_BYTES_PER_THREAD = 128
 
 
 def _fits_split(split: int, cfg: KernelConfig, gates: int, elt_size: int) -> bool:
+    """Whether cfg's reduction split ``split`` ways keeps its accumulator within the bound above."""
     columns = cfg.hidden_block * (4 if cfg.fused_gates and gates > 1 else 1)  # of one dot
     acc_bytes = 8 if elt_size == 8 else 4
     return split * cfg.batch_block * columns * acc_bytes <= SPLIT_ACC_BYTES_PER_THREAD * 32 * cfg.num_warps
