@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from kernels import env
-from kernels.barrier import grid_sync, group_counter
+from kernels.barrier import grid_sync, group_counter, watch
 from kernels.cells import GRU, LSTM, Cell, gru_cell_bwd, lstm_cell_bwd, rnn_cell_bwd
 from kernels.configs import (KernelConfig, backward_piece_rows, backward_piece_split, backward_reduction,
                              candidate_backward_configs, cdiv, check_stages, default_backward_config, is_resident,
@@ -175,7 +175,9 @@ def rnn_bwd_kernel(
     xbuf_ptr,  # [2, D, B, G*H] input dtype (what the dot consumes), zeroed: recurrent gate gradients exchanged
     dhbuf_ptr, dcbuf_ptr,  # [D, B, H] accumulator dtype: carried gradients between stepwise launches
     sync_ptr,  # int32 barrier counters (barrier.group_counter), zeroed
-    T, B, H, t0, t1,  # this launch runs backward steps [t0, t1) of T (step s is time T-1-s forward)
+    flag_ptr,  # [1] int32, host memory: set where a program gave up waiting at the barrier (barrier.Watch)
+    T, B, H, patience, t0, t1,  # this launch runs backward steps [t0, t1) of T (step s is time T-1-s forward);
+    # patience: barrier.grid_sync's
     finish,  # 1: then (every step's gates published) the gradients of h0 and c0
     stride_ot, stride_ob, stride_dt, stride_db,
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
@@ -270,7 +272,7 @@ def rnn_bwd_kernel(
             unit_ok, units, state, lengths, T, B, H, d, stride_ot, stride_ob, stride_dt, stride_db, CELL, G, D, HAS_H0,
             HAS_C0, HAS_DOUT, PACKED, ACC)
         if SYNC:
-            grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s - s_start + 1))
+            patience = grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s - s_start + 1), patience, flag_ptr)
         else:
             tl.debug_barrier()
 
@@ -373,11 +375,12 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
         dhbuf = torch.empty(D, B, H, dtype=acc, device=device)
         dcbuf = torch.empty_like(dhbuf) if cell == Cell.LSTM else dhbuf
         sync = barrier_counters(grid, device)
+        flag, patience = watch.arm("rnn_bwd_kernel", grid, cfg, device)
         dummy = xbuf
         args = tuple(t if t is not None else dummy for t in (
             saved, out, h0, c0, lengths, offsets, w_hh[0], w_hh[-1], d_out, d_hn, d_cn, dg, dh0, dc0, xbuf, dhbuf,
-            dcbuf, sync))
-        args += (T, B, H)
+            dcbuf, sync, flag))
+        args += (T, B, H, patience)
         meta = backward_meta(cell, D, H, cfg, elt_size=dtype.itemsize, has_h0=h0 is not None,
                              has_c0=c0 is not None, packed=packing is not None, has_dout=d_out is not None,
                              has_dhn=d_hn is not None, has_dcn=d_cn is not None,
@@ -403,6 +406,8 @@ def rnn_bwd(cell: Cell, x, weights, h0, c0, packing: Packing | None, out, saved,
                 lambda: rnn_bwd_kernel[grid](*whole, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, **meta))
         else:
             stepwise()
+        if device.type != "cuda":  # the interpreter ran it already: report a barrier that gave up now
+            watch.check()
         return LaunchInfo("rnn_bwd_kernel", cfg, grid, persistent)
 
     if B > 0:

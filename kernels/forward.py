@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels import env
-from kernels.barrier import COUNTER_STRIDE, grid_sync, group_counter
+from kernels.barrier import COUNTER_STRIDE, grid_sync, group_counter, watch
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
 from kernels.packing import Packing
 from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, cdiv, check_split,
@@ -206,8 +206,9 @@ def rnn_fwd_kernel(
     hbuf_ptr,  # [2, D, B, H] input dtype (what the dot consumes): ping-pong exchange of h between programs
     state_ptr,  # [S, D, B, H] accumulator dtype: own h (and LSTM's c) carried between stepwise launches
     sync_ptr,  # int32 barrier counters, one per direction and batch tile (barrier.group_counter), zeroed
+    flag_ptr,  # [1] int32, host memory: set where a program gave up waiting at the barrier (barrier.Watch)
     act_ptr,  # [T, B, D, S, H] (packed: [N, D, S, H]) input dtype: what backward needs (SAVE only)
-    T, B, H, t0, t1,  # this launch runs steps [t0, t1) of T
+    T, B, H, patience, t0, t1,  # this launch runs steps [t0, t1) of T; patience: barrier.grid_sync's
     stride_xt, stride_xb, stride_ot, stride_ob,  # packed: the row strides in stride_xb, stride_ob
     CELL: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     HB: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr, STAGES: tl.constexpr,
@@ -352,7 +353,7 @@ def rnn_fwd_kernel(
                                       own_mask & (t_next < lengths)[:, None] & (s + 1 < s_end), stride_xt, stride_xb,
                                       T, H, G, PACKED)
         if SYNC:
-            grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s - s_start + 1))
+            patience = grid_sync(group_counter(sync_ptr, d, pid_b), n_prog * (s - s_start + 1), patience, flag_ptr)
         else:
             tl.debug_barrier()
         if RESIDENT:
@@ -599,14 +600,15 @@ class _Layer:
         is_lstm = self.cell == Cell.LSTM
         state = torch.empty(2 if is_lstm else 1, D, B, H, dtype=acc, device=self.device)
         sync = barrier_counters(grid, self.device)
+        flag, patience = watch.arm("rnn_fwd_kernel", grid, cfg, self.device)
         # Unused pointers get a valid tensor; their loads are compiled out by the constexpr flags.
         dummy = hbuf
         lengths, offsets = (packing.lengths, packing.offsets) if packing is not None else (None, None)
         # The reverse direction's pointers repeat the forward's where there is none.
         args = tuple(t if t is not None else dummy for t in (
             xw[0], self.w_hh[0], self.b_hh[0], xw[-1], self.w_hh[-1], self.b_hh[-1], self.h0, self.c0, lengths,
-            offsets, out, hn, cn if is_lstm else None, hbuf, state, sync, saved))
-        args += (T, B, H)
+            offsets, out, hn, cn if is_lstm else None, hbuf, state, sync, flag, saved))
+        args += (T, B, H, patience)
         strides = layout_strides(xw[0], packing, self.batch_first) + layout_strides(out, packing, self.batch_first)
         whole = (*args, 0, T, *strides)  # the persistent launch's arguments: every step
         if compile_only:
@@ -624,6 +626,8 @@ class _Layer:
                 lambda: rnn_fwd_kernel[grid](*whole, SYNC=n_h > 1, launch_cooperative_grid=n_h > 1, **meta))
         else:
             stepwise()
+        if self.device.type != "cuda":  # the interpreter ran it already: report a barrier that gave up now
+            watch.check()
         return LaunchInfo("rnn_fwd_kernel", cfg, grid, persistent)
 
 

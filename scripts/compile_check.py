@@ -44,6 +44,7 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
     from triton.compiler import ASTSource
 
     from kernels.backward import backward_meta, rnn_bwd_kernel
+    from kernels.barrier import PATIENCE
     from kernels.cells import Cell
     from kernels.forward import kernel_meta, rnn_fwd_kernel
 
@@ -61,7 +62,7 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
         strides = dict(stride_xt=B * G * H, stride_xb=G * H, stride_ot=B * D * H, stride_ob=D * H)
         if packed:
             strides.update(stride_xt=0, stride_ot=0)
-        ints = dict(T=4 * B + 3, B=B, H=H, t0=0, t1=4 * B + 3, **strides)
+        ints = dict(T=4 * B + 3, B=B, H=H, patience=PATIENCE, t0=0, t1=4 * B + 3, **strides)
         if not sync:
             ints.update(t0=1, t1=2)
     else:
@@ -76,7 +77,7 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
         if packed:
             strides.update(stride_ot=0, stride_dt=0)
         # The persistent launch finishes (dh0, dc0) in the same launch; a stepwise one does not.
-        ints = dict(T=4 * B + 3, B=B, H=H, t0=0, t1=4 * B + 3, finish=1, **strides)
+        ints = dict(T=4 * B + 3, B=B, H=H, patience=PATIENCE, t0=0, t1=4 * B + 3, finish=1, **strides)
         if not sync:
             ints.update(t0=1, t1=2, finish=0)
     launch = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"),
@@ -88,7 +89,7 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
     for arg in fn.arg_names:
         if arg in meta:
             continue
-        if arg in ("len_ptr", "sync_ptr"):
+        if arg in ("len_ptr", "sync_ptr", "flag_ptr"):
             values[arg] = torch.int32
         elif arg == "off_ptr":
             values[arg] = torch.int64

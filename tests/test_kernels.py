@@ -4,12 +4,14 @@ Outputs are poisoned with NaN before each launch, so an element the kernel never
 Under the interpreter several programs per group only run stepwise (a grid barrier between
 programs that run one after another would deadlock); one program per group runs persistently.
 """
+import time
+
 import pytest
 import torch
 
-from helpers import CELL_IDS, PARTITIONS, TOL, assert_close, run_layer
+from helpers import CELL_IDS, PARTITIONS, TOL, assert_close, run_backward, run_layer
 from kernels.cells import Cell
-from kernels.configs import KernelConfig
+from kernels.configs import KernelConfig, describe
 
 pytestmark = pytest.mark.interpreter
 
@@ -252,3 +254,35 @@ def test_input_projection_prefetch(cell, config, kernel_device):
                                 lengths=lengths)
         assert result[3].persistent and result[3].grid[0] == 1
         assert_close(result, ref, TOL[torch.float64])
+
+
+@pytest.mark.interpreter
+def test_a_barrier_that_cannot_meet_raises_instead_of_hanging(kernel_device):
+    """The interpreter runs programs one after another: the first of two waits at the grid barrier
+    for the second, which cannot arrive. Its wait is bounded: it gives up, and the launch raises,
+    naming the kernel and grid, within seconds; the error is reported once."""
+    from kernels.barrier import empty_steps
+
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"empty_steps_kernel on grid \(2, 1, 1\).*gave up"):
+        empty_steps((2, 1, 1), 4, 3, kernel_device)
+    assert time.perf_counter() - start < 10
+    assert empty_steps((1, 1, 1), 4, 3, kernel_device).tolist() == [0]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", ["forward", "backward"])
+def test_a_layer_whose_barrier_gives_up_raises_with_its_config(kind, kernel_device, monkeypatch):
+    """A persistent launch of two programs per group, forced under the interpreter (where they run
+    one after another, so the barrier can never meet), raises a RuntimeError naming the kernel, its
+    grid and its config instead of hanging or returning what it computed."""
+    from kernels import backward, forward
+
+    monkeypatch.setattr(forward if kind == "forward" else backward, "_choose_persistent", lambda *args: True)
+    config = KernelConfig(hidden_block=16, batch_block=16)
+    kernel = "rnn_fwd_kernel" if kind == "forward" else "rnn_bwd_kernel"
+    with pytest.raises(RuntimeError, match=rf"{kernel} on grid \(2, 1, 1\) with config {describe(config)}"):
+        if kind == "forward":
+            run_layer(Cell.GRU, T=4, B=3, H=17, I=5, D=1, device=kernel_device, config=config)
+        else:
+            run_backward(Cell.LSTM, T=4, B=3, H=17, D=1, config=config, device=kernel_device)

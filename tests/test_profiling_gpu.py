@@ -2,6 +2,7 @@
 and the barrier floor, on a GPU: each builds, equals cuDNN, and a small suite runs end to end.
 GPU only."""
 import math
+import time
 
 import pandas as pd
 import pytest
@@ -25,6 +26,23 @@ def test_empty_steps_count_every_arrival():
     counters = empty_steps((16, 2, 2), 4, 7, torch.device("cuda"))
     torch.cuda.synchronize()
     assert counters.tolist() == [16 * 7] * 4
+
+
+def test_a_grid_that_cannot_meet_gives_up_within_seconds():
+    """Counters that start one arrival short: no step's barrier can complete. Every program gives
+    up once (kernels.barrier.PATIENCE polls), waits no more, and the launch is reported."""
+    from kernels.barrier import watch
+
+    start = time.perf_counter()
+    counters = empty_steps((4, 1, 1), 4, 3, torch.device("cuda"), behind=1)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    print(f"gave up after {elapsed:.2f} s")
+    assert counters.tolist() == [4 * 3 - 1]
+    with pytest.raises(RuntimeError, match=r"empty_steps_kernel on grid \(4, 1, 1\)"):
+        watch.check()
+    assert elapsed < 60
+    watch.check()  # reported once
 
 
 def test_barrier_floor():
