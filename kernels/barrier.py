@@ -63,15 +63,20 @@ class Watch:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._flags = {}  # "cpu" (interpreter) or "pinned": [SLOTS, 4] int32
-        self._armed = {}  # (table, slot) -> what ran there
+        self._flags = {}  # "cpu" (interpreter) or "pinned": ([SLOTS, 4] int32, its numpy view, each slot's view)
+        self._armed = {}  # (kind, slot) -> what ran there
         self._next = 0
 
     def _table(self, device: torch.device) -> tuple:
         kind = "pinned" if device.type == "cuda" else "cpu"
         if kind not in self._flags:
+            if kind == "pinned" and torch.cuda.is_current_stream_capturing():
+                # No host allocation while capturing (a launch warmed up first has the table):
+                # this launch's flag goes unread.
+                return "unwatched", torch.zeros(self.SLOTS, 4, dtype=torch.int32, device=device)
             table = torch.zeros(self.SLOTS, 4, dtype=torch.int32, pin_memory=kind == "pinned")
-            self._flags[kind] = (table, table.numpy())  # the numpy view: a check costs a microsecond
+            # Through numpy a check costs a microsecond; slot views made once: no torch op per launch.
+            self._flags[kind] = (table, table.numpy(), [table[i, :1] for i in range(self.SLOTS)])
         return kind, self._flags[kind][0]
 
     def arm(self, kernel: str, grid: tuple, config, device: torch.device) -> tuple:
@@ -79,20 +84,23 @@ class Watch:
         ``grid`` with ``config`` (a KernelConfig, or a description), and the patience its barrier
         waits with."""
         self.check()
-        kind, table = self._table(device)
         with self._lock:
+            kind, table = self._table(device)
+            if kind == "unwatched":
+                return table[0, :1], PATIENCE
             slot = self._next
             self._next = (slot + 1) % self.SLOTS
-            self._flags[kind][1][slot, 0] = 0  # through numpy: no torch op on a launch's host path
+            _, flags, views = self._flags[kind]
+            flags[slot, 0] = 0
             self._armed[(kind, slot)] = (kernel, tuple(grid), config)
         patience = PATIENCE if device.type == "cuda" else INTERPRETER_PATIENCE
-        return table[slot, :1], patience
+        return views[slot], patience
 
     def check(self):
         """Raise RuntimeError naming every armed launch whose programs gave up waiting (once)."""
         failed = []
         with self._lock:
-            for kind, (_, flags) in self._flags.items():
+            for kind, (_, flags, _) in self._flags.items():
                 for slot in np.flatnonzero(flags[:, 0]).tolist():
                     flags[slot, 0] = 0
                     kernel, grid, config = self._armed.pop((kind, slot), ("a launch", "?", "no longer recorded"))
