@@ -788,15 +788,36 @@ def time_candidates(key: str, candidates: list, run, steps: int, device: torch.d
         try:
             run(cfg)  # compiles; also the warm-up
             ms = _time_ms(lambda: run(cfg), repeats, device) / steps
+            watch.check()  # synchronised: a barrier that gave up fails this candidate, not the next
         # A candidate this device cannot compile or run. Triton's errors (OutOfResources,
         # PTXASError, CompilationError) derive from TritonError, not RuntimeError.
-        except (triton.errors.TritonError, ValueError, RuntimeError):
+        except (triton.errors.TritonError, ValueError, RuntimeError) as exc:
+            broken = _broken_context(device)
+            if broken is not None:
+                # Every later candidate would fail too and the default be cached as the winner.
+                reason = str(broken).splitlines()[0] if str(broken) else type(broken).__name__
+                raise RuntimeError(f"tuning {key.split('|code=')[0]}: candidate {describe(cfg)} left the CUDA "
+                                   f"context unusable ({reason}); "
+                                   f"nothing was cached. Rerun with RNN_AUTOTUNE=0 to use the default config, "
+                                   f"and please report the candidate.") from exc
             ms = math.inf
         timings[describe(cfg)] = ms
         if ms < best_ms:
             best, best_ms = cfg, ms
     autotune_cache().put(key, best, {k: v for k, v in timings.items() if math.isfinite(v)})
     return best, timings
+
+
+def _broken_context(device: torch.device):
+    """The error a synchronisation raises where a CUDA error has left the context unusable (an
+    illegal address, a device-side assert: sticky, every later call fails); None where it works."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # torch raises RuntimeError (AcceleratorError in recent versions)
+        return exc
+    return None
 
 
 def _time_ms(run, repeats: int, device: torch.device) -> float:

@@ -1,5 +1,6 @@
 """Partition heuristics, the autotuning space and the on-disk autotune cache."""
 import json
+import math
 import multiprocessing
 import os
 from pathlib import Path
@@ -317,6 +318,37 @@ def test_slow_tuning_prints_one_progress_line(monkeypatch, tmp_path, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("fused-rnn: tuning LSTM-key: 3 candidates")
     assert str(tmp_path) in lines[0]
+
+
+def test_tuning_reraises_a_broken_cuda_context_and_caches_nothing(monkeypatch, tmp_path):
+    """A candidate that fails and leaves the context unusable (a sticky CUDA error: every later call
+    fails) ends tuning with an error naming it, and nothing is cached; a candidate that merely
+    fails (the context still synchronises) is skipped, and the winner is cached."""
+    from kernels import forward
+
+    monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    candidates = [KernelConfig(16, 16), KernelConfig(32, 16), KernelConfig(64, 16)]
+    sticky = []
+
+    def synchronize(device=None):
+        if sticky:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def run(cfg):
+        if cfg == candidates[1]:
+            raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(forward, "_time_ms", lambda run, repeats, device: (run(), 1.0)[1])
+    cuda = torch.device("cuda")
+    best, timings = forward.time_candidates("LSTM-ok|code=x", candidates, run, 1, cuda, repeats=1)
+    assert timings[describe(candidates[1])] == math.inf and best == candidates[0]
+    assert forward.autotune_cache().get("LSTM-ok|code=x") == candidates[0]
+    sticky.append(True)
+    with pytest.raises(RuntimeError, match=rf"tuning LSTM-bad: candidate {describe(candidates[1])} left the CUDA "
+                                           r"context unusable \(CUDA error: an illegal memory access"):
+        forward.time_candidates("LSTM-bad|code=x", candidates, run, 1, cuda, repeats=1)
+    assert forward.autotune_cache().get("LSTM-bad|code=x") is None
 
 
 def test_candidates_compile_in_parallel_before_timing(monkeypatch, tmp_path):
