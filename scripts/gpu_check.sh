@@ -2,8 +2,9 @@
 # One command for a bare GPU machine. Installs nothing (the machine's python3 already has torch,
 # Triton and pandas, and no network): the repository goes on PYTHONPATH. With $OUT set, logs are
 # written there as they grow (a run cut short still leaves them), and every run recorded under
-# benchmarks/results/ by this call is copied to $OUT/results/ at the end: copy those folders into
-# benchmarks/results/ and commit them.
+# benchmarks/results/ by this call is copied to $OUT/results/ at the end: file each of those folders
+# with `python -m profiling.record --adopt FOLDER` (it resolves the commit the copy, without .git, ran)
+# and commit them.
 #
 #   scripts/gpu_check.sh            the gpu tests (at most TEST_SECONDS, default 420), then the quick
 #                                   suite (SUITE=...), recorded: fits one 10-minute call

@@ -3,8 +3,10 @@
 import json
 import math
 import shutil
+import subprocess
 
 import pandas as pd
+import pytest
 
 from profiling import bench, publish, record, report
 from profiling.cases import select
@@ -100,3 +102,81 @@ def test_publish_takes_the_latest_gpu_run_of_each_suite(tmp_path):
     record.write_meta(results / "2026-11-22-cpu-quick", dict(meta, timestamp="2026-11-22T00:00:00+00:00",
                                                               gpu=False, device="cpu"))
     assert publish.main(argv + ["--check"]) == 0
+
+
+def _copy_without_git(tmp_path):
+    """HEAD's files as a lent machine gets them: no .git, plus what .gitignore ignores."""
+    if not (record.ROOT / ".git").exists():
+        pytest.skip("needs the git checkout: the copy is made from its HEAD")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=record.ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(copy)], input=archive, check=True)
+    for ignored in ("rnn/__pycache__/ops.cpython-312.pyc", "tests/__pycache__/stale.py", "tests/.hypothesis/x.py",
+                    "build/lib/rnn/ops.py"):
+        (copy / ignored).parent.mkdir(parents=True, exist_ok=True)
+        (copy / ignored).write_text("# ignored\n")
+    return copy
+
+
+def _run_in_copy(copy, src, monkeypatch):
+    """What profiling.bench --record leaves in a copy without .git: meta.json and results.csv
+    (rows with git_commit unknown)."""
+    meta = dict(timestamp="2026-12-01T10:00:00+00:00", git_commit="unknown", device="NVIDIA H200", torch_version="2.11",
+                triton_version="3.6.0", cudnn_version="91000", suite="quick")
+    with monkeypatch.context() as patch:
+        patch.setattr(record, "ROOT", copy)
+        info = record.provenance(meta, ["--suite", "quick", "--record"])
+    assert info["git_commit"] == "unknown" and info["git_dirty"] is None
+    src.mkdir()
+    case = select("quick")[0]
+    rows = report.metric_rows(meta, case, "ours", (1.0, 0.9, 1.1), 10.0, 1e-3, {})
+    report.to_frame(rows).to_csv(src / record.CSV_NAME, index=False)
+    (src / "logs").mkdir()
+    (src / "logs" / "bench-quick.log").write_text("log\n")
+    record.write_meta(src, info)
+    return info
+
+
+def _head():
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=record.ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_a_run_without_git_is_adopted_at_the_commit_its_sources_match(tmp_path, monkeypatch):
+    copy = _copy_without_git(tmp_path)
+    info = _run_in_copy(copy, tmp_path / "src", monkeypatch)
+    tracked = subprocess.run(["git", "ls-tree", "-r", "--name-only", "HEAD"], cwd=record.ROOT, capture_output=True,
+                             text=True, check=True).stdout.split()
+    manifest = info["source_manifest"]
+    assert set(manifest) == {p for p in tracked if record.in_manifest(p, record._ignore_patterns(record.ROOT))}
+    assert "rnn/ops.py" in manifest and "scripts/setup.sh" in manifest and ".ci/run" in manifest
+    assert manifest == record.commit_manifest("HEAD")  # blob hashes as git computes them
+    results = tmp_path / "results"
+    assert record.main(["--adopt", str(tmp_path / "src"), "--results", str(results)]) == 0
+    (run,) = record.runs(results)
+    assert run["path"].name == "2026-12-01-nvidia-h200-quick"
+    assert run["git_commit"] == _head() and run["git_dirty"] is False and run["dirty_paths"] == []
+    assert run["git_commit_from"] == "source_manifest" and run["source_manifest"] == manifest
+    assert (run["path"] / "logs" / "bench-quick.log").read_text() == "log\n"
+    before, after = pd.read_csv(tmp_path / "src" / record.CSV_NAME), pd.read_csv(run["path"] / record.CSV_NAME)
+    assert set(before.git_commit) == {"unknown"} and set(after.git_commit) == {_head()}
+    pd.testing.assert_frame_equal(before.drop(columns="git_commit"), after.drop(columns="git_commit"))
+    # The same run adopted twice is refused.
+    assert record.main(["--adopt", str(tmp_path / "src"), "--results", str(results)]) == 1
+    assert len(record.runs(results)) == 1
+
+
+def test_a_run_from_changed_sources_is_adopted_dirty_with_the_paths(tmp_path, monkeypatch):
+    copy = _copy_without_git(tmp_path)
+    with open(copy / "rnn" / "ops.py", "a") as f:
+        f.write("# changed on the lent machine\n")
+    (copy / "tests" / "test_new.py").write_text("def test_new():\n    pass\n")  # untracked, not ignored
+    _run_in_copy(copy, tmp_path / "src", monkeypatch)
+    (tmp_path / "src" / "autotune.csv").write_text("kernel,git_commit,us_per_step\nfwd,unknown,1.5\n")
+    assert record.main(["--adopt", str(tmp_path / "src"), "--results", str(tmp_path / "results")]) == 0
+    (run,) = record.runs(tmp_path / "results")
+    assert run["git_commit"] == _head() and run["git_dirty"] is True
+    assert run["dirty_paths"] == ["rnn/ops.py", "tests/test_new.py"]
+    assert (run["path"] / "autotune.csv").read_text() == f"kernel,git_commit,us_per_step\nfwd,{_head()},1.5\n"
+    assert set(pd.read_csv(run["path"] / record.CSV_NAME).git_commit) == {_head()}
