@@ -49,6 +49,7 @@ def parse_args(argv):
     p.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="start no case after this many seconds; the cases measured by then are written "
                         "(and recorded), and the summary says how many were left")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG (they can be drawn later from the CSV)")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=100.0)
     return p.parse_args(argv)
@@ -156,37 +157,53 @@ def main(argv=None) -> int:
     provenance = record.provenance(meta, list(sys.argv[1:] if argv is None else argv)) if args.record else None
     print(f"{len(cases)} cases x {len(impls)} implementations ({', '.join(impls)}) on {meta['device']}")
 
-    rows, start, measured = [], time.time(), 0
-    for i, case in enumerate(cases, 1):
-        elapsed = time.time() - start
-        if args.time_limit is not None and i > 1 and elapsed > args.time_limit:  # at least one case
-            print(f"time limit: {args.time_limit:.0f} s passed, {len(cases) - measured} cases left unmeasured")
-            break
-        left = f", ~{elapsed / (i - 1) * (len(cases) - i + 1):.0f}s left" if i > 1 else ""
-        print(f"[{i}/{len(cases)}] {case.id} ({elapsed:.0f}s elapsed{left})", flush=True)
-        rows += measure_case(case, impls, device, meta, args.warmup_ms, args.rep_ms, host=suite in HOST_SUITES)
-        measured += 1
-
-    frame = report.to_frame(rows)
     if args.record:
         out_dir = record.run_dir(meta, Path(args.results))
         csv_path, md_path, stem = out_dir / record.CSV_NAME, out_dir / record.SUMMARY_NAME, record.PLOT_STEM
-        record.write_meta(out_dir, dict(provenance, cases_measured=measured, cases_total=len(cases)))
     else:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         stem = f"bench-{suite}-{stamp}"
         csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
-    frame.to_csv(csv_path, index=False)
-    table = report.summary(frame, BASELINE[device.type])
-    md = report.markdown(table, f"{suite} on {meta['device']} (us per step; speed-up > 1: ours is faster)")
-    md += report.not_measured(frame)
-    if measured < len(cases):
-        md += (f"\nStopped at the time limit ({args.time_limit:.0f} s): {measured} of {len(cases)} cases "
-               f"measured.\n")
-    md_path.write_text(md)
-    pngs = report.plots(frame, out_dir, stem, BASELINE[device.type])
+
+    def write(rows, measured, stopped=False) -> str:
+        """The summary (and the record's meta.json) of the cases measured so far: a run cut short
+        keeps everything it measured."""
+        table = report.summary(report.to_frame(rows), BASELINE[device.type])
+        md = report.markdown(table, f"{suite} on {meta['device']} (us per step; speed-up > 1: ours is faster)")
+        md += report.not_measured(report.to_frame(rows))
+        if stopped:
+            md += (f"\nStopped at the time limit ({args.time_limit:.0f} s): {measured} of {len(cases)} cases "
+                   f"measured.\n")
+        elif measured < len(cases):
+            md += f"\nIn progress: {measured} of {len(cases)} cases measured.\n"
+        md_path.write_text(md)
+        if args.record:
+            record.write_meta(out_dir, dict(provenance, cases_measured=measured, cases_total=len(cases)))
+        return md
+
+    rows, start, measured, stopped = [], time.time(), 0, False
+    for i, case in enumerate(cases, 1):
+        elapsed = time.time() - start
+        if args.time_limit is not None and i > 1 and elapsed > args.time_limit:  # at least one case
+            print(f"time limit: {args.time_limit:.0f} s passed, {len(cases) - measured} cases left unmeasured")
+            stopped = True
+            break
+        left = f", ~{elapsed / (i - 1) * (len(cases) - i + 1):.0f}s left" if i > 1 else ""
+        print(f"[{i}/{len(cases)}] {case.id} ({elapsed:.0f}s elapsed{left})", flush=True)
+        case_rows = measure_case(case, impls, device, meta, args.warmup_ms, args.rep_ms, host=suite in HOST_SUITES)
+        # Each case's rows are appended as it finishes: a run killed later keeps them.
+        report.to_frame(case_rows).to_csv(csv_path, mode="a", header=not rows, index=False)
+        rows += case_rows
+        measured += 1
+        write(rows, measured)
+
+    frame = report.to_frame(rows)
+    if not rows:
+        frame.to_csv(csv_path, index=False)
+    md = write(rows, measured, stopped)
+    pngs = [] if args.no_plots else report.plots(frame, out_dir, stem, BASELINE[device.type])
     print(f"\nwrote {csv_path}, {md_path}" + (f" and {len(pngs)} plots" if pngs else
                                             " (no plots: matplotlib missing or one batch size)"))
     if args.record:

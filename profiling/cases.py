@@ -125,6 +125,10 @@ SUITES = {
                + [Case("LSTM", 1024, 16, 1024, 1024, proj_size=256, dtype=dt) for dt in ("bf16", "fp16")]),
     # Where host time dominates: one small layer, one or a few steps. Its rows add host_us and launches.
     "overhead": _grid(("LSTM", "GRU"), ("bf16",), (1, 16), (1, 8), (128, 256)),
+    # The shapes that decide the project (scripts/gpu_check.sh), in the order a time limit should
+    # keep them: forward before training, B=16 before 64.
+    "decide": [Case(cell, 512, B, H, H, dtype=dt, pass_=p) for p, B, cell, dt, H in itertools.product(
+        ("fwd", "fwdbwd"), (16, 64), ("LSTM", "GRU"), ("bf16", "fp16"), (256, 512, 1024))],
     # Without CUDA: our reference path against torch.nn on the CPU, at small sizes.
     "cpu": (_grid(("LSTM", "GRU", "RNN_TANH"), ("fp32",), (32,), (1, 8), (32, 64))
             + [Case("LSTM", 32, 8, 32, 64, num_layers=2, bidirectional=True, dtype="fp32", pass_="fwdbwd"),
@@ -138,7 +142,8 @@ SUITES["all"] = list(dict.fromkeys(c for name in ("quick", "latency", "throughpu
 HOST_SUITES = ("overhead",)
 # Implementations a suite runs without --impls, where not every registry entry for the device;
 # the graph and compiled entries show how much of the host cost each removes.
-SUITE_IMPLS = {"overhead": ("ours", "ours_graph", "ours_compiled", "cudnn", "cudnn_graph", "torch_nn")}
+SUITE_IMPLS = {"overhead": ("ours", "ours_graph", "ours_compiled", "cudnn", "cudnn_graph", "torch_nn"),
+               "decide": ("ours", "ours_graph", "cudnn", "cudnn_graph")}
 
 
 def select(suite: str, cells=None, dtypes=None, hidden=None, batch=None, seq=None) -> list[Case]:

@@ -205,10 +205,23 @@ def _rewrite_commit(csv_path: Path, commit: str) -> bool:
     return True
 
 
+def adopt_all(src: Path, results: Path = RESULTS) -> list[Path]:
+    """``adopt`` the run in ``src`` and every run in a subfolder of it that has a meta.json of its
+    own (scripts/gpu_check.sh returns its evidence with the benchmark run it recorded inside)."""
+    src = Path(src)
+    nested = [item for item in sorted(src.iterdir()) if item.is_dir() and (item / META_NAME).is_file()]
+    made = [adopt(src, results)] if (src / META_NAME).is_file() else []
+    made += [adopt(item, results) for item in nested]
+    if not made:
+        raise FileNotFoundError(f"{src} holds no {META_NAME}, nor does any folder in it")
+    return made
+
+
 def adopt(src: Path, results: Path = RESULTS) -> Path:
     """Files a run recorded elsewhere (a folder with its meta.json) under ``results``: copies its
-    files (and those of its subfolders, one level), resolves its commit from its source manifest
-    where it names none, and draws the plots where results.csv came back without them."""
+    files (and those of its subfolders, one level, but for runs of their own: adopt_all), resolves
+    its commit from its source manifest where it names none, and draws the plots where results.csv
+    came back without them."""
     src = Path(src)
     meta = json.loads((src / META_NAME).read_text())
     same = ("timestamp", "device", "suite", "kind")
@@ -219,7 +232,7 @@ def adopt(src: Path, results: Path = RESULTS) -> Path:
     for item in sorted(src.iterdir()):
         if item.is_file():
             shutil.copy2(item, out / item.name)
-        elif item.is_dir():
+        elif item.is_dir() and not (item / META_NAME).is_file():
             (out / item.name).mkdir()
             for sub in sorted(item.iterdir()):
                 if sub.is_file():
@@ -254,15 +267,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m profiling.record",
                                 description="File a run recorded on another machine under benchmarks/results/.")
     p.add_argument("--adopt", metavar="SRC", required=True,
-                   help="the run's folder as it came back (meta.json, results.csv, summary.md, ...)")
+                   help="the run's folder as it came back (meta.json, results.csv, summary.md, ...); runs in its "
+                        "subfolders (with a meta.json of their own) are filed too, each on its own")
     p.add_argument("--results", default=str(RESULTS), help="where runs are kept (default: benchmarks/results/)")
     args = p.parse_args(argv)
     try:
-        out = adopt(Path(args.adopt), Path(args.results))
+        made = adopt_all(Path(args.adopt), Path(args.results))
     except (OSError, ValueError) as exc:
         print(f"not adopted: {exc}", file=sys.stderr)
         return 1
-    print(f"recorded in {out}: commit it, then `python -m profiling.publish` updates README.md")
+    for out in made:
+        print(f"recorded in {out}")
+    print("commit them, then `python -m profiling.publish` updates README.md")
     return 0
 
 
