@@ -1,6 +1,7 @@
 """profiling/: the FLOP formula, the suites, the CSV schema, the cpu suite end to end, the overhead
 suite's host metrics and the graph and compiled entries."""
 import dataclasses
+import itertools
 import math
 
 import pandas as pd
@@ -61,6 +62,12 @@ def test_suites():
     packed = [c for c in SUITES["packed"] if c.packed]
     assert packed and all(c.__class__(**{**c.__dict__, "packed": False}) in SUITES["packed"] for c in packed)
     assert all(c.hidden_size <= 64 and c.dtype == "fp32" for c in SUITES["cpu"])
+    decide = SUITES["decide"]  # gpu_check's: every combination, forward first, B=16 before 64
+    assert {(c.cell, c.dtype, c.B, c.hidden_size, c.T, c.pass_) for c in decide} == set(itertools.product(
+        ("LSTM", "GRU"), ("bf16", "fp16"), (16, 64), (256, 512, 1024), (512,), ("fwd", "fwdbwd")))
+    assert [c.pass_ for c in decide] == sorted(c.pass_ for c in decide)
+    assert [c.B for c in decide[:12]] == [16] * 12 and SUITE_IMPLS["decide"] == ("ours", "ours_graph", "cudnn",
+                                                                                  "cudnn_graph")
 
 
 def test_overrides_replace_the_suite_dimensions():

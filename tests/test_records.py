@@ -180,3 +180,28 @@ def test_a_run_from_changed_sources_is_adopted_dirty_with_the_paths(tmp_path, mo
     assert run["dirty_paths"] == ["rnn/ops.py", "tests/test_new.py"]
     assert (run["path"] / "autotune.csv").read_text() == f"kernel,git_commit,us_per_step\nfwd,{_head()},1.5\n"
     assert set(pd.read_csv(run["path"] / record.CSV_NAME).git_commit) == {_head()}
+
+
+def test_a_run_cut_short_keeps_every_case_it_finished(tmp_path, monkeypatch):
+    """Each case's rows are appended, and the summary and meta.json rewritten, as it finishes: a run
+    killed during its second case (a device call at its limit) keeps the first."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    finished, real = [], bench.measure_case
+
+    def measure_case(case, *args, **kwargs):
+        if finished:
+            raise KeyboardInterrupt  # what a kill looks like from inside: nothing after this runs
+        finished.append(case)
+        return real(case, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_case", measure_case)
+    argv = ["--suite", "cpu", "--record", "--results", str(tmp_path), "--cells", "lstm", "--hidden", "8",
+            "--batch", "1,2", "--seq", "4", "--warmup-ms", "1", "--rep-ms", "2", "--no-plots"]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    [run] = record.runs(tmp_path)
+    frame = pd.read_csv(run["path"] / record.CSV_NAME)
+    assert list(frame.columns) == report.SCHEMA and set(frame.case_id) == {finished[0].id}
+    assert run["cases_measured"] == 1 and run["cases_total"] > 1
+    assert f"In progress: 1 of {run['cases_total']} cases measured" in (run["path"] / record.SUMMARY_NAME).read_text()
+    assert not list(run["path"].glob("*.png"))
