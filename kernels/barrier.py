@@ -47,7 +47,8 @@ def grid_sync(counter_ptr, target, patience, flag_ptr):
         arrived = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
         polls += 1
     gave_up = arrived < target
-    tl.store(flag_ptr, 1, mask=gave_up)
+    if gave_up:
+        tl.store(flag_ptr, 1)
     tl.debug_barrier()
     return tl.where(gave_up, 0, patience)
 
