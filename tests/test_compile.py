@@ -80,3 +80,24 @@ def test_worker_compiles_are_the_jits_cache_entries(tmp_path):
     result = json.loads(process.stdout.splitlines()[-1])
     assert result["left"] == 0 and result["here"] == []  # the worker compiled both, nothing compiled here
     assert result["after"] == [["rnn_fwd_kernel", True], ["rnn_bwd_kernel", True]]
+
+
+def test_compile_rate_estimate_shows_its_arithmetic():
+    """scripts.compile_rate's estimate for more cores: processes take S + ceil(n / cores) rounds of
+    a compile's CPU seconds (backward reusing the workers); threads n x c x (f + (1 - f) / cores),
+    f from the speed-up of N threads on the cores they had (Amdahl) or at least the front end's
+    share; none from threads that had too few cores to tell."""
+    from scripts.compile_rate import estimate
+
+    one = dict(fwd=dict(n=25, wall=20.0, cpu=20.0, front_end=0.25), bwd=dict(n=17, wall=17.0, cpu=17.0,
+                                                                             front_end=0.5))
+    two = dict(fwd=dict(wall=12.5), bwd=dict(wall=17.0))  # 1.6x: f = 0.25; 1x: f = 1
+    lines = estimate({"threads:1": one, "threads:2": two}, (2.0, 3.0), 16, 2.0)
+    assert "processes on 16 cores: forward 3.0 + 1.6 = 4.6 s; forward + backward 3.0 + 1.6 + 2.0 = 6.6 s" in lines
+    # f = 0.25: 25 x 0.8 x (0.25 + 0.75/16) = 5.9 s; f = 1: 17 x 1 = 17 s
+    assert "threads, f from 2 threads on 16 cores: forward 5.9 = 5.9 s; forward + backward 5.9 + 17.0 = 22.9 s" \
+        in lines
+    # front end: 25 x 0.8 x (0.25 + 0.75/16) = 5.9; 17 x 1 x (0.5 + 0.5/16) = 9.0
+    assert "threads, f >= front end on 16 cores: forward 5.9 = 5.9 s; forward + backward 5.9 + 9.0 = 15.0 s" in lines
+    lines = estimate({"threads:1": one, "threads:2": two}, (2.0, 3.0), 16, 1.1)
+    assert not any(line.startswith("threads, f from 2 threads") for line in lines)
