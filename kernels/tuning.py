@@ -146,11 +146,16 @@ def _record_compile(*, fn, compile, **kwargs):
     capture = getattr(_local, "capture", None)
     if capture is None:
         return _previous_hook(fn=fn, compile=compile, **kwargs) if _previous_hook is not None else None
-    kernel = fn.jit_function
-    module = sys.modules.get(kernel.__module__)
-    shippable = kernel.__module__ != "__main__" and getattr(module, kernel.__name__, None) is kernel
-    capture.requests.append(CompileRequest(kernel.__module__, kernel.__name__, kernel.cache_key,
-                                           compile["specialization_data"], capture.target) if shippable else None)
+    request = None  # what cannot be shipped compiles on threads
+    try:
+        kernel = fn.jit_function
+        if kernel.__module__ != "__main__" and getattr(sys.modules.get(kernel.__module__), kernel.__name__, None) \
+                is kernel:
+            request = CompileRequest(kernel.__module__, kernel.__name__, kernel.cache_key,
+                                     compile["specialization_data"], capture.target)
+    except Exception:
+        pass
+    capture.requests.append(request)
     return True
 
 
@@ -167,7 +172,7 @@ class Workers:
 
     def __init__(self, count: int):
         self.count = count
-        self.environment = environment()
+        self.variables = environment()[0]  # inherited; the cache directory goes with each request
         self.broken = False
         self._idle = queue.SimpleQueue()
         self._procs = []
@@ -231,11 +236,11 @@ _workers_failed = False
 
 def compile_workers() -> Workers | None:
     """This process's compile workers (os.cpu_count() of them), started on first use and reused
-    while the environment stays the same; None where they cannot run (they could not start, or
-    broke once: threads compile from then on)."""
+    while Triton's cache-invalidating environment variables stay the same; None where they cannot
+    run (they could not start, or broke once: threads compile from then on)."""
     global _workers, _workers_failed
     with _workers_lock:
-        if _workers is not None and (_workers.broken or _workers.environment != environment()):
+        if _workers is not None and (_workers.broken or _workers.variables != environment()[0]):
             _workers_failed |= _workers.broken
             _workers.close()
             _workers = None

@@ -441,3 +441,33 @@ def test_candidates_compile_on_threads_when_workers_fail(monkeypatch):
         tuning.compile_in_parallel(lambda cfg: _jit_compile(cfg, compiled), candidates, torch.device("cuda"))
         assert compiled == [(c, True) for c in candidates]
         assert tuning.compile_workers() is None
+
+
+def test_compile_workers_are_reused_until_the_environment_changes(monkeypatch):
+    """One set of workers serves every tuning; a change of Triton's cache-invalidating environment
+    variables (the workers inherited the old ones) starts new ones."""
+    from kernels import tuning
+
+    started, closed = [], []
+
+    class Workers:
+        broken = False
+
+        def __init__(self, count):
+            self.variables = tuning.environment()[0]
+            started.append(self)
+
+        def close(self):
+            closed.append(self)
+
+    monkeypatch.setattr(tuning, "Workers", Workers)
+    monkeypatch.setattr(tuning, "_workers", None)
+    monkeypatch.setattr(tuning, "_workers_failed", False)
+    monkeypatch.delenv("TRITON_DISABLE_LINE_INFO", raising=False)
+    first = tuning.compile_workers()
+    assert tuning.compile_workers() is first and started == [first] and not closed
+    monkeypatch.setenv("TRITON_DISABLE_LINE_INFO", "1")  # one that changes Triton's cache keys
+    second = tuning.compile_workers()
+    assert second is not first and closed == [first]
+    tuning.shutdown_workers()
+    assert closed == [first, second]
