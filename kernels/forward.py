@@ -6,7 +6,6 @@ import os
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -18,6 +17,7 @@ from kernels import env
 from kernels.barrier import COUNTER_STRIDE, grid_sync, group_counter, watch
 from kernels.cells import GRU, LSTM, Cell, gru_cell, lstm_cell, rnn_cell
 from kernels.packing import Packing
+from kernels.tuning import compile_in_parallel
 from kernels.configs import (H100_SMS, MIN_TILE, AutotuneCache, KernelConfig, candidate_configs, cdiv, check_split,
                              check_stages, default_forward_config, describe, k_block, tuning_key)
 
@@ -744,35 +744,13 @@ def _tune(layer: _Layer, key: str, repeats: int = 3):
 PROGRESS_AFTER_S = 2.0  # tuning that takes longer prints one progress line
 
 
-def compile_in_parallel(compile, candidates: list, device: torch.device):
-    """compile(cfg) (kernel.warmup calls) for every candidate at once on a thread pool, through
-    Triton's asynchronous compile: its compiler and ptxas release the GIL (12 forward candidates
-    for sm_90: 9.1 s on one thread, 4.8 s on two, on a 2-core CPU). Errors are left to the timed
-    launch, which recompiles and counts its candidate as failed. CUDA only."""
-    if device.type != "cuda" or len(candidates) < 2:
-        return
-    try:
-        from triton.runtime._async_compile import AsyncCompileMode
-    except ImportError:  # a Triton without it: candidates compile as they are timed
-        return
-    with ThreadPoolExecutor(min(len(candidates), os.cpu_count() or 1)) as pool:
-        try:
-            with AsyncCompileMode(pool, ignore_errors=True):
-                for cfg in candidates:
-                    try:
-                        compile(cfg)
-                    except Exception:  # e.g. invalid for this shape: its timed launch says so
-                        pass
-        except RuntimeError:  # another asynchronous compile is active: compile as we time
-            pass
-
-
 def time_candidates(key: str, candidates: list, run, steps: int, device: torch.device, repeats: int = 3,
                     compile=None):
     """Time run(cfg) (``steps`` timesteps) for each candidate; cache the fastest under ``key`` and
     return it with each candidate's milliseconds per step (inf where it failed to compile or
     launch). candidates[0], the default, wins if every one fails. ``compile(cfg)``, given,
-    compiles a candidate without running it: all are compiled in parallel first."""
+    compiles a candidate without running it: all are compiled in parallel first (in worker
+    processes where they run: kernels.tuning)."""
     if compile is not None:
         compile_in_parallel(compile, candidates, device)
     timings = {}

@@ -35,13 +35,27 @@ ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2, "fp64": 8}
 def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, flags: dict | None = None,
                  kernel: str = "fwd", B: int = 16) -> dict:
     """Compile rnn_fwd_kernel (kernel="fwd"; flags may add save=True) or rnn_bwd_kernel ("bwd")
-    for sm_90 as the JIT compiles a launch on a batch of B: every optional input present, padded
-    sequences in [T, B, F] layout, unless ``flags`` says otherwise (packed=True: torch's packed
-    layout). Returns {regs, spills (bytes), shared (bytes)}."""
-    import torch
+    for sm_90 as the JIT compiles a launch on a batch of B (see launch_arguments).
+    Returns {regs, spills (bytes), shared (bytes)}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    fn, values, meta, launch = launch_arguments(cell, dtype, H, cfg, sync, D, flags, kernel, B)
+    signature, constexprs, attrs = jit_specialisation(fn, values, meta)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                              target=GPUTarget("cuda", 90, 32), options=launch)
+    return dict(shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"]))
+
+
+def launch_arguments(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, flags: dict | None = None,
+                     kernel: str = "fwd", B: int = 16):
+    """(kernel, {argument: value}, constexprs, launch options) of a launch of rnn_fwd_kernel
+    (kernel="fwd"; flags may add save=True) or rnn_bwd_kernel ("bwd") on a batch of B: every
+    optional input present, padded sequences in [T, B, F] layout, unless ``flags`` says otherwise
+    (packed=True: torch's packed layout). Tensors are given as their torch dtypes (what
+    ``kernel.warmup`` takes)."""
+    import torch
 
     from kernels.backward import backward_meta, rnn_bwd_kernel
     from kernels.barrier import PATIENCE
@@ -99,10 +113,7 @@ def compile_sm90(cell, dtype: str, H: int, cfg, sync: bool = True, D: int = 2, f
             values[arg] = torch_dtype
         else:
             values[arg] = ints[arg]
-    signature, constexprs, attrs = jit_specialisation(fn, values, meta)
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options=launch)
-    return dict(shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"]))
+    return fn, values, meta, launch
 
 
 def jit_specialisation(fn, values: dict, constexprs: dict):

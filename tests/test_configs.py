@@ -351,33 +351,155 @@ def test_tuning_reraises_a_broken_cuda_context_and_caches_nothing(monkeypatch, t
     assert forward.autotune_cache().get("LSTM-bad|code=x") is None
 
 
-def test_candidates_compile_in_parallel_before_timing(monkeypatch, tmp_path):
-    """time_candidates compiles every candidate first, on a thread pool under Triton's
-    asynchronous compile (CUDA only); a candidate whose compile call fails is left to its timed
-    launch; nothing is compiled that way off CUDA."""
+def test_candidates_compile_on_threads_without_workers(monkeypatch, tmp_path):
+    """Where no worker process runs, time_candidates compiles every candidate first on a thread
+    pool under Triton's asynchronous compile (CUDA only); a candidate whose compile call fails is
+    left to its timed launch; nothing is compiled that way off CUDA."""
     from triton.runtime import _async_compile
 
-    from kernels import forward
+    from kernels import forward, tuning
 
     monkeypatch.setenv("RNN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "compile_workers", lambda: None)
+    monkeypatch.setattr(tuning, "current_target", lambda: "sm_90")
     candidates = [KernelConfig(16, 16), KernelConfig(32, 16), KernelConfig(64, 16)]
-    compiled, modes = [], []
+    compiled = []
 
     def compile(cfg):
-        modes.append(_async_compile.active_mode.get())
-        compiled.append(cfg)
         if cfg == candidates[1]:
             raise ValueError("not for this shape")
+        _jit_compile(cfg, compiled)
 
-    forward.compile_in_parallel(compile, candidates, torch.device("cuda"))
-    assert compiled == candidates and all(m is not None for m in modes)  # inside Triton's async mode
+    tuning.compile_in_parallel(compile, candidates, torch.device("cuda"))
+    assert compiled == [(candidates[0], True), (candidates[2], True)]  # inside Triton's async mode
     assert _async_compile.active_mode.get() is None
     compiled.clear()
-    forward.compile_in_parallel(compile, candidates, torch.device("cpu"))  # the interpreter compiles nothing
+    tuning.compile_in_parallel(compile, candidates, torch.device("cpu"))  # the interpreter compiles nothing
     assert compiled == []
     with _async_compile.AsyncCompileMode(None):  # another one active (inductor's): compile as we time
-        forward.compile_in_parallel(compile, candidates, torch.device("cuda"))
+        tuning.compile_in_parallel(compile, candidates, torch.device("cuda"))
+    assert compiled == []
     runs = []
     forward.time_candidates("k|code=x", candidates, runs.append, 1, torch.device("cpu"), repeats=1,
                             compile=compile)
     assert runs and not compiled  # off CUDA: timed, not precompiled
+
+
+class _Kernel:
+    """What the JIT hands its hooks as a kernel: one importable by module and name."""
+
+    cache_key = "source fingerprint"
+
+
+KERNEL = _Kernel()
+KERNEL.__module__, KERNEL.__name__ = __name__, "KERNEL"
+
+
+def _jit_compile(cfg, compiled: list):
+    """What kernel.warmup does with a kernel it has not compiled: ask Triton's jit_cache_hook,
+    compile unless it says skip (recorded with whether Triton's asynchronous compile was on)."""
+    from triton import knobs
+    from triton.runtime import _async_compile
+    from triton.runtime.jit import JitFunctionInfo
+
+    hook = knobs.runtime.jit_cache_hook
+    if hook is not None and hook(key=describe(cfg), repr="", fn=JitFunctionInfo(__name__, "KERNEL", KERNEL),
+                                 compile={"specialization_data": describe(cfg)}, is_manual_warmup=True,
+                                 already_compiled=False):
+        return
+    compiled.append((cfg, _async_compile.active_mode.get() is not None))
+
+
+def test_candidates_compile_in_workers_the_rest_on_threads(monkeypatch):
+    """Each candidate's compile is recorded in this process (nothing compiled here) and handed to
+    the workers; what no worker compiled (a worker lost, a kernel it could not reproduce) is
+    compiled on threads; a candidate's own compile error, or a compile call that raises, is left
+    to its timed launch. Triton's hook is restored afterwards."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    from kernels import tuning
+
+    candidates = [KernelConfig(16, 16), KernelConfig(32, 16), KernelConfig(64, 16), KernelConfig(16, 32),
+                  KernelConfig(32, 32), KernelConfig(64, 32)]
+    outcome = {candidates[0]: "ok", candidates[1]: "failed", candidates[2]: "lost", candidates[3]: "skipped",
+               candidates[5]: "ok"}
+    target = GPUTarget("cuda", 90, 32)
+    asked = []
+
+    class Workers:
+        def compile_all(self, requests):
+            asked.extend(requests)
+            return [outcome[next(c for c in candidates if describe(c) == r.specialization)] for r in requests]
+
+    compiled = []
+
+    def compile(cfg):
+        if cfg == candidates[4]:
+            raise ValueError("not for this shape")
+        _jit_compile(cfg, compiled)
+
+    def earlier_hook(**kwargs):  # someone else's hook: kept, and still asked outside the capture
+        return None
+
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", earlier_hook)
+    monkeypatch.setattr(tuning, "compile_workers", Workers)
+    monkeypatch.setattr(tuning, "current_target", lambda: target)
+    tuning.compile_in_parallel(compile, candidates, torch.device("cuda"))
+    assert [r.specialization for r in asked] == [describe(c) for c in candidates if c in outcome]
+    assert all(r == tuning.CompileRequest(__name__, "KERNEL", "source fingerprint", r.specialization, target)
+               for r in asked)
+    assert compiled == [(candidates[2], True), (candidates[3], True)]  # on threads, asynchronously
+    assert knobs.runtime.jit_cache_hook is earlier_hook
+    compiled.clear()
+    _jit_compile(candidates[0], compiled)  # outside the capture: compiled as usual
+    assert compiled == [(candidates[0], False)]
+
+
+def test_candidates_compile_on_threads_when_workers_fail(monkeypatch):
+    """No worker process can start, or the workers die: every candidate compiles on threads, and
+    after a breakdown the process stops starting workers."""
+    import shutil
+
+    from kernels import tuning
+
+    candidates = [KernelConfig(16, 16), KernelConfig(32, 16)]
+    monkeypatch.setattr(tuning, "current_target", lambda: "sm_90")
+    for executable in ("/nonexistent/python", shutil.which("true")):  # cannot start; exits at once
+        monkeypatch.setattr(tuning, "_workers", None)
+        monkeypatch.setattr(tuning, "_workers_failed", False)
+        monkeypatch.setattr(tuning.sys, "executable", executable)
+        compiled = []
+        tuning.compile_in_parallel(lambda cfg: _jit_compile(cfg, compiled), candidates, torch.device("cuda"))
+        assert compiled == [(c, True) for c in candidates]
+        assert tuning.compile_workers() is None
+
+
+def test_compile_workers_are_reused_until_the_environment_changes(monkeypatch):
+    """One set of workers serves every tuning; a change of Triton's cache-invalidating environment
+    variables (the workers inherited the old ones) starts new ones."""
+    from kernels import tuning
+
+    started, closed = [], []
+
+    class Workers:
+        broken = False
+
+        def __init__(self, count):
+            self.variables = tuning.environment()[0]
+            started.append(self)
+
+        def close(self):
+            closed.append(self)
+
+    monkeypatch.setattr(tuning, "Workers", Workers)
+    monkeypatch.setattr(tuning, "_workers", None)
+    monkeypatch.setattr(tuning, "_workers_failed", False)
+    monkeypatch.delenv("TRITON_DISABLE_LINE_INFO", raising=False)
+    first = tuning.compile_workers()
+    assert tuning.compile_workers() is first and started == [first] and not closed
+    monkeypatch.setenv("TRITON_DISABLE_LINE_INFO", "1")  # one that changes Triton's cache keys
+    second = tuning.compile_workers()
+    assert second is not first and closed == [first]
+    tuning.shutdown_workers()
+    assert closed == [first, second]
