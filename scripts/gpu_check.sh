@@ -28,8 +28,9 @@
 #       drawn afterwards, on any machine, from the CSV.
 #   scripts/gpu_check.sh --full N            part N (1-5) of a longer run, for a session that can
 #       afford more calls, each part under the same rules (BUDGET_S, steps, at most 8 files):
-#         1 all `gpu` tests   2 the forward and backward autotune sweep of the suites' shapes (a second
-#         call goes on where the first stopped)   3 latency and packed suites   4 training and
+#         1 all `gpu` tests   2 compiles per second on threads against worker processes
+#         (scripts.compile_rate), then the forward and backward autotune sweep of the suites' shapes (a
+#         second call goes on where the first stopped)   3 latency and packed suites   4 training and
 #         throughput suites   5 bf16 training parity against torch.nn (scripts.train --compare)
 #       Tuned configs live in reports/gpu_check/autotune-cache/ (RNN_CACHE_DIR), for every part and
 #       the default run; part 2 returns them as $OUT/autotune-cache/autotune.json: where the machine
@@ -164,6 +165,7 @@ case "$mode$part" in
         ;;
     full1) step "gpu tests" 600 "$out/tests.log" python3 "${pytest_args[@]}" tests -m gpu ;;
     full2)
+        step "compile rate" 120 "$main_log" python3 -m scripts.compile_rate
         step sweep 600 "$main_log" bash -c sweep
         mkdir -p "$out/autotune-cache" && cp "$RNN_CACHE_DIR/autotune.json" "$out/autotune-cache/" 2>/dev/null
         ;;
