@@ -23,7 +23,7 @@
 #                     `decide` suite: LSTM and GRU, bf16 and fp16, B 16 and 64, H 256-1024, T 512,
 #                     forward and training), tuned on first use, each case's rows appended as it
 #                     finishes                     -> $OUT/<date>-<device>-decide/{results,summary,meta}
-#         6 gpu tests the remaining `gpu` tests while time lasts            -> $OUT/tests.log
+#         6 gpu tests the remaining `gpu` tests while time lasts, untuned   -> $OUT/tests.log
 #       and the whole console in $OUT/gpu_check.log: 8 files, each written as it grows. Plots are
 #       drawn afterwards, on any machine, from the CSV.
 #   scripts/gpu_check.sh --full N            part N (1-5) of a longer run, for a session that can
@@ -119,6 +119,8 @@ else
     bench_args=(--suite decide)
 fi
 
+# Tests run untuned (tests of tuning turn it on themselves), with a cache of their own.
+untuned=(env RNN_AUTOTUNE=0 RNN_CACHE_DIR="$smoke_cache")
 pytest_args=(-m pytest -v -p no:cacheprovider -rfE ${workers[@]+"${workers[@]}"} ${timeouts[@]+"${timeouts[@]}"})
 sanitize() {
     if ! command -v compute-sanitizer >/dev/null; then
@@ -157,13 +159,12 @@ step env 60 "$main_log" python3 -m scripts.gpu_probe env --out "$out/meta.json" 
 case "$mode$part" in
     default|dry)
         step barrier 90 "$main_log" python3 -m scripts.gpu_probe barrier --out "$out/barrier.csv"
-        step smoke 150 "$out/tests.log" env RNN_AUTOTUNE=0 RNN_CACHE_DIR="$smoke_cache" python3 "${pytest_args[@]}" \
-            "${smoke[@]}"
+        step smoke 150 "$out/tests.log" "${untuned[@]}" python3 "${pytest_args[@]}" "${smoke[@]}"
         step sanitize 150 "$out/sanitizer.log" bash -c sanitize
         step bench 600 "$main_log" $(bench "${bench_args[@]}")
-        step "gpu tests" 600 "$out/tests.log" python3 "${pytest_args[@]}" "${gpu_rest[@]}"
+        step "gpu tests" 600 "$out/tests.log" "${untuned[@]}" python3 "${pytest_args[@]}" "${gpu_rest[@]}"
         ;;
-    full1) step "gpu tests" 600 "$out/tests.log" python3 "${pytest_args[@]}" tests -m gpu ;;
+    full1) step "gpu tests" 600 "$out/tests.log" "${untuned[@]}" python3 "${pytest_args[@]}" tests -m gpu ;;
     full2)
         step "compile rate" 120 "$main_log" python3 -m scripts.compile_rate
         step sweep 600 "$main_log" bash -c sweep

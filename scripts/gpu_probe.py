@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import platform
 import sys
 import time
