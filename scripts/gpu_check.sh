@@ -68,7 +68,7 @@ if [ "$mode" = dry ]; then
 else
     BUDGET_S=${BUDGET_S:-480}
     if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-        echo "gpu_check: no CUDA device (scripts/gpu_check.sh --dry-run runs the steps on a CPU)" | tee -a "$main_log"
+        echo "gpu_check: no CUDA device (scripts/gpu_check.sh --dry-run runs the steps on a CPU)" | tee -a "$main_log" >&2
         exit 1
     fi
 fi
